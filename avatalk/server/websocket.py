@@ -1,0 +1,133 @@
+"""The ``/v1/ws`` endpoint: one conversation per WebSocket (protocol in docs/protocol.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import numpy as np
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocketState
+
+from avatalk.config import Settings
+from avatalk.server.sessions import SessionRegistry
+from avatalk.streaming.audio import float_to_pcm16
+from avatalk.streaming.protocol import (
+    AudioCommit,
+    BinaryKind,
+    ProtocolError,
+    ResponseCancel,
+    SessionUpdate,
+    TextInput,
+    encode_binary,
+    encode_event,
+    parse_client_event,
+)
+from avatalk.streaming.session import ConversationSession
+
+logger = logging.getLogger(__name__)
+router = APIRouter()
+
+CLOSE_TRY_AGAIN_LATER = 1013
+CLOSE_MESSAGE_TOO_BIG = 1009
+
+
+class WebSocketOutput:
+    """Serialises sends from the session's tasks onto one socket; a gone client is not an error."""
+
+    def __init__(self, websocket: WebSocket) -> None:
+        self.websocket = websocket
+        self._lock = asyncio.Lock()
+        self.open = True
+
+    async def _send(self, text: str | None = None, data: bytes | None = None) -> None:
+        if not self.open:
+            return
+        async with self._lock:
+            try:
+                if text is not None:
+                    await self.websocket.send_text(text)
+                else:
+                    await self.websocket.send_bytes(data or b"")
+            except (WebSocketDisconnect, RuntimeError, OSError):
+                self.open = False
+
+    async def send_event(self, kind: str, **fields: object) -> None:
+        await self._send(text=encode_event(kind, **fields))
+
+    async def send_audio(self, tick: int, samples: np.ndarray) -> None:
+        await self._send(data=encode_binary(BinaryKind.AUDIO, tick, float_to_pcm16(samples)))
+
+
+@router.websocket("/v1/ws")
+async def conversation(websocket: WebSocket) -> None:
+    settings: Settings = websocket.app.state.settings
+    registry: SessionRegistry = websocket.app.state.sessions
+    await websocket.accept()
+    output = WebSocketOutput(websocket)
+    models = websocket.app.state.models
+    if models is None:
+        await output.send_event("error", code="not_ready", message="the server is still loading its models")
+        await websocket.close(CLOSE_TRY_AGAIN_LATER)
+        return
+    session = ConversationSession(uuid.uuid4().hex[:12], models, settings, output)
+    if not registry.try_add(session):
+        await output.send_event(
+            "error",
+            code="server_full",
+            message=f"the server is at its limit of {registry.capacity} concurrent sessions; try again later",
+        )
+        await websocket.close(CLOSE_TRY_AGAIN_LATER, "server full")
+        return
+    logger.info("session %s opened (%d active)", session.id, registry.active)
+    await output.send_event("session.created", session=session.describe())
+    try:
+        await _serve(websocket, session, output, settings)
+    finally:
+        registry.remove(session.id)
+        await session.close()
+        logger.info("session %s closed (%d active)", session.id, registry.active)
+        if websocket.client_state is WebSocketState.CONNECTED:
+            try:
+                await websocket.close()
+            except (RuntimeError, OSError):
+                pass
+
+
+async def _serve(websocket: WebSocket, session: ConversationSession, output: WebSocketOutput, settings: Settings) -> None:
+    limits = settings.limits
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        try:
+            if message.get("bytes") is not None:
+                data: bytes = message["bytes"]
+                if len(data) > limits.max_audio_frame_bytes:
+                    raise ProtocolError(
+                        "frame_too_large",
+                        f"audio frame of {len(data)} bytes exceeds the limit of {limits.max_audio_frame_bytes}; dropped",
+                    )
+                await session.push_audio(data)
+            elif message.get("text") is not None:
+                text: str = message["text"]
+                if len(text.encode()) > limits.max_text_frame_bytes:
+                    raise ProtocolError(
+                        "frame_too_large",
+                        f"text frame of {len(text)} characters exceeds the limit of {limits.max_text_frame_bytes} bytes",
+                    )
+                event = parse_client_event(text)
+                if isinstance(event, SessionUpdate):
+                    await session.configure(event.session)
+                elif isinstance(event, TextInput):
+                    await session.send_text(event.text)
+                elif isinstance(event, ResponseCancel):
+                    if not await session.interrupt("client_cancel"):
+                        raise ProtocolError("no_response", "there is no response to cancel")
+                elif isinstance(event, AudioCommit):
+                    await session.commit_audio()
+        except ProtocolError as error:
+            await output.send_event("error", code=error.code, message=error.message)
+        if not output.open:
+            return

@@ -1,0 +1,470 @@
+"""One conversation: wires VAD, turn-taking, ASR, LLM, TTS and the media clock.
+
+Tasks of a session:
+- the input loop: client audio -> 16 kHz -> VAD (worker thread) -> turn detector;
+- at most one response task at a time: transcript -> LLM deltas -> sentences ->
+  TTS (worker threads) -> the clock's bounded audio queue;
+- the clock loop, releasing one 40 ms tick at a time to the output.
+
+Barge-in cancels the response task (which cancels LLM and TTS) and clears the
+clock's queue synchronously, so no reply audio leaves after the next tick. The
+dialogue history keeps only the reply text whose audio was actually played.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from avatalk.config import Settings
+from avatalk.llm import LLMError
+from avatalk.llm.memory import DialogueMemory
+from avatalk.llm.sentences import SentenceSplitter
+from avatalk.streaming.asr import TurnTranscriber, ends_sentence
+from avatalk.streaming.audio import ENGINE_SAMPLE_RATE, StreamResampler, pcm16_to_float, resample
+from avatalk.streaming.clock import MediaClock, Tick
+from avatalk.streaming.models import EngineModels
+from avatalk.streaming.protocol import PersonaOptions, ProtocolError, SessionOptions, check_sample_rate
+from avatalk.streaming.turns import TurnDetector, TurnEvent, TurnEventKind
+from avatalk.tts import TTSError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OUTPUT_SAMPLE_RATE = 24000
+LATENCY_MARKS = ("asr_final", "llm_first_token", "first_sentence", "tts_first_audio", "first_audio")
+
+
+class SessionOutput(Protocol):
+    """Where a session's events and audio go (WebSocket today, WebRTC later)."""
+
+    async def send_event(self, kind: str, **fields: object) -> None: ...
+
+    async def send_audio(self, tick: int, samples: np.ndarray) -> None: ...
+
+
+@dataclass
+class _Response:
+    """Book-keeping of one assistant reply."""
+
+    turn_id: int
+    started_at: float  # t0 of the latency marks: end of user speech, or text receipt
+    marks: dict[str, float] = field(default_factory=dict)
+    segments: dict[int, tuple[str, int]] = field(default_factory=dict)  # segment id -> (text, samples)
+    played: dict[int, int] = field(default_factory=dict)  # segment id -> samples played
+    generated_text: str = ""
+    finished_generating: bool = False
+    task: asyncio.Task[None] | None = None
+    interrupted_at: float | None = None
+
+    def mark(self, name: str) -> None:
+        self.marks.setdefault(name, time.monotonic())
+
+    def marks_ms(self) -> dict[str, float]:
+        return {name: round((at - self.started_at) * 1000.0, 1) for name, at in self.marks.items()}
+
+    def spoken_text(self) -> str:
+        """The reply text whose audio reached the client (a partly played sentence is cut by words)."""
+        parts: list[str] = []
+        for segment_id in sorted(self.segments):
+            text, total = self.segments[segment_id]
+            played = self.played.get(segment_id, 0)
+            if played >= total:
+                parts.append(text)
+            elif played > 0:
+                words = text.split()
+                keep = int(len(words) * played / total)
+                if keep:
+                    parts.append(" ".join(words[:keep]))
+                break
+            else:
+                break
+        return " ".join(parts).strip()
+
+
+class ConversationSession:
+    """A spoken conversation with one client."""
+
+    def __init__(self, session_id: str, models: EngineModels, settings: Settings, output: SessionOutput) -> None:
+        self.id = session_id
+        self.models = models
+        self.settings = settings
+        self.output = output
+        self.persona = settings.persona.model_copy()
+        self.input_sample_rate: int | None = None
+        self.output_sample_rate: int | None = None
+        self.clock: MediaClock | None = None
+        self.memory = DialogueMemory(
+            system_prompt=self.persona.system_prompt,
+            max_turns=settings.llm.history_turns,
+            max_tokens=settings.llm.history_tokens,
+            count_tokens=models.llm.count_tokens,
+        )
+        self._input: asyncio.Queue[bytes] = asyncio.Queue(maxsize=settings.limits.queue_chunks)
+        self._resampler: StreamResampler | None = None
+        self._vad = models.vad.stream()
+        self._turns = TurnDetector(settings.turns, settings.vad)
+        self._asr = TurnTranscriber(models.asr)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._response: _Response | None = None
+        self._next_turn_id = 1
+        self._state = "idle"
+        self._playback_idle = asyncio.Event()
+        self._playback_idle.set()
+        self._closed = False
+        self._listening_turn: int | None = None  # turn id of the utterance in progress
+
+    # ---- public API used by the transports -------------------------------------------------
+
+    @property
+    def configured(self) -> bool:
+        return self.input_sample_rate is not None
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "input_sample_rate": self.input_sample_rate,
+            "output_sample_rate": self.output_sample_rate,
+            "persona": self.persona.model_dump(),
+            "turn_detection": self.settings.turns.model_dump(),
+        }
+
+    async def configure(self, options: SessionOptions) -> None:
+        """Apply a ``session.update``; the first one with sample rates starts the session."""
+        first = not self.configured
+        if first:
+            input_rate = check_sample_rate(options.input_sample_rate, "input_sample_rate")
+            output_rate = check_sample_rate(
+                options.output_sample_rate or DEFAULT_OUTPUT_SAMPLE_RATE, "output_sample_rate"
+            )
+        else:
+            for name in ("input_sample_rate", "output_sample_rate"):
+                value = getattr(options, name)
+                if value is not None and value != getattr(self, name):
+                    raise ProtocolError("invalid_session_config", f"{name} cannot change once the session started")
+        if options.persona is not None:
+            self._apply_persona(options.persona)
+        if first:
+            self.input_sample_rate = input_rate
+            self.output_sample_rate = output_rate
+            self._resampler = StreamResampler(input_rate, ENGINE_SAMPLE_RATE)
+            self.clock = MediaClock(output_rate)
+            self._spawn(self._input_loop(), "input")
+            self._spawn(self.clock.run(self._on_tick), "clock")
+        await self.output.send_event("session.updated", session=self.describe())
+        if first:
+            await self._set_state("listening")
+            greet = options.greeting if options.greeting is not None else True
+            if greet and self.persona.greeting.strip():
+                self._start_response(text=None, started_at=time.monotonic(), fixed_reply=self.persona.greeting)
+
+    async def push_audio(self, data: bytes) -> None:
+        """Queue one binary frame of client audio (waits when the session is behind)."""
+        if not self.configured:
+            raise ProtocolError(
+                "audio_before_configuration",
+                "send session.update with input_sample_rate before any audio; this frame was dropped",
+            )
+        if len(data) % 2:
+            raise ProtocolError("invalid_audio", "audio frames must be PCM16 (an even number of bytes)")
+        await self._input.put(data)
+
+    async def send_text(self, text: str) -> None:
+        """The user typed instead of speaking."""
+        if not self.configured:
+            raise ProtocolError("not_configured", "send session.update before conversation.item.create")
+        text = text.strip()
+        if not text:
+            raise ProtocolError("invalid_event", "text must not be empty")
+        if len(text) > self.settings.limits.max_text_input_chars:
+            raise ProtocolError(
+                "text_too_long", f"text is {len(text)} characters; the limit is {self.settings.limits.max_text_input_chars}"
+            )
+        started = time.monotonic()
+        await self.interrupt("new_input")
+        self._start_response(text=text, started_at=started)
+
+    async def commit_audio(self) -> None:
+        """End the user's turn now (push-to-talk)."""
+        event = self._turns.force_end(time.monotonic())
+        if event is not None:
+            await self._handle_turn_event(event)
+
+    async def interrupt(self, reason: str = "barge_in") -> bool:
+        """Stop the current reply at once; True if there was one."""
+        response = self._response
+        if response is None:
+            return False
+        self._response = None
+        response.interrupted_at = time.monotonic()
+        assert self.clock is not None
+        self.clock.clear(response.turn_id)  # silence from the next tick on
+        if response.task is not None and not response.task.done():
+            response.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await response.task
+        spoken = response.spoken_text()
+        if spoken:
+            self.memory.add_assistant(spoken)
+        await self.output.send_event(
+            "response.interrupted", turn_id=response.turn_id, reason=reason, spoken_text=spoken
+        )
+        await self.output.send_event(
+            "response.done", turn_id=response.turn_id, status="interrupted", text=spoken
+        )
+        logger.info("session %s turn %d interrupted (%s); kept %r", self.id, response.turn_id, reason, spoken)
+        if reason == "barge_in":
+            await self._set_state("listening")
+        return True
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = list(self._tasks)
+        if self._response is not None and self._response.task is not None:
+            tasks.append(self._response.task)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._asr.reset()
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _apply_persona(self, persona: PersonaOptions) -> None:
+        update = {key: value for key, value in persona.model_dump().items() if value is not None}
+        self.persona = self.persona.model_copy(update=update)
+        self.memory.system_prompt = self.persona.system_prompt
+
+    def _spawn(self, coro: object, name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=f"{self.id}:{name}")  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("session %s task %s failed", self.id, task.get_name(), exc_info=task.exception())
+
+    async def _set_state(self, state: str) -> None:
+        if state != self._state:
+            self._state = state
+            await self.output.send_event("state", state=state)
+
+    async def _input_loop(self) -> None:
+        assert self._resampler is not None
+        while True:
+            data = await self._input.get()
+            arrived = time.monotonic()
+            samples = self._resampler.process(pcm16_to_float(data))
+            if len(samples) == 0:
+                continue
+            windows = await asyncio.to_thread(self._vad.process, samples)
+            for window, probability in windows:
+                for event in self._turns.push(window, probability, arrived):
+                    await self._handle_turn_event(event)
+                if self._turns.in_speech:
+                    await self._while_speaking()
+
+    async def _while_speaking(self) -> None:
+        """Barge-in and partial transcripts while the user talks."""
+        if self._response is not None and self._turns.speech_ms >= self.settings.turns.barge_in_ms:
+            await self.interrupt("barge_in")
+        if self._asr.partial_due(self._turns.utterance_samples):
+            self._spawn(self._partial(self._turns.utterance()), "asr-partial")
+
+    async def _partial(self, audio: np.ndarray) -> None:
+        text = await self._asr.partial(audio)
+        if text and self._turns.in_speech:
+            self._turns.sentence_complete = ends_sentence(text)
+            await self.output.send_event("input_audio_transcription.partial", turn_id=self._listening_turn, transcript=text)
+
+    async def _early_final(self, task: asyncio.Task[str]) -> None:
+        """When the pause transcription ends a sentence, the turn may end after the shorter silence."""
+        text = await task
+        if text and self._turns.in_speech and ends_sentence(text):
+            self._turns.sentence_complete = True
+
+    async def _handle_turn_event(self, event: TurnEvent) -> None:
+        if event.kind is TurnEventKind.SPEECH_STARTED:
+            self._listening_turn = self._next_turn_id
+            self._asr.reset()
+            await self.output.send_event("input_audio_buffer.speech_started", turn_id=self._listening_turn)
+        elif event.kind is TurnEventKind.SPEECH_PAUSED:
+            task = self._asr.start_early(self._turns.utterance())
+            self._spawn(self._early_final(task), "asr-early")
+        elif event.kind is TurnEventKind.SPEECH_RESUMED:
+            self._asr.invalidate_early()
+        elif event.kind is TurnEventKind.BLIP:
+            logger.debug("session %s ignored a %.0f ms blip", self.id, event.speech_ms)
+            self._asr.reset()
+            await self.output.send_event("input_audio_buffer.speech_ignored", speech_ms=event.speech_ms)
+        elif event.kind is TurnEventKind.TURN_ENDED:
+            assert event.audio is not None
+            await self.output.send_event("input_audio_buffer.speech_stopped", turn_id=self._listening_turn)
+            if self._response is not None:
+                await self.interrupt("new_input")
+            self._start_response(
+                text=None, started_at=event.speech_end_at or event.at, audio=event.audio
+            )
+
+    def _start_response(
+        self,
+        text: str | None,
+        started_at: float,
+        audio: np.ndarray | None = None,
+        fixed_reply: str | None = None,
+    ) -> None:
+        turn_id = self._next_turn_id
+        self._next_turn_id += 1
+        response = _Response(turn_id=turn_id, started_at=started_at)
+        self._response = response
+        response.task = asyncio.create_task(
+            self._run_response(response, text, audio, fixed_reply), name=f"{self.id}:response-{turn_id}"
+        )
+
+    async def _run_response(
+        self, response: _Response, text: str | None, audio: np.ndarray | None, fixed_reply: str | None
+    ) -> None:
+        try:
+            await self._respond(response, text, audio, fixed_reply)
+        except asyncio.CancelledError:
+            raise
+        except (LLMError, TTSError) as error:
+            code = "llm_error" if isinstance(error, LLMError) else "tts_error"
+            logger.warning("session %s turn %d: %s", self.id, response.turn_id, error)
+            await self._finish_failed(response, code, str(error))
+        except Exception as error:  # one turn's failure never ends the session
+            logger.exception("session %s turn %d failed", self.id, response.turn_id)
+            await self._finish_failed(response, "internal_error", f"the reply failed: {error}")
+
+    async def _finish_failed(self, response: _Response, code: str, message: str) -> None:
+        if self._response is response:
+            self._response = None
+        spoken = response.spoken_text()
+        if spoken:
+            self.memory.add_assistant(spoken)
+        await self.output.send_event("error", code=code, message=message, turn_id=response.turn_id)
+        await self.output.send_event("response.done", turn_id=response.turn_id, status="failed", text=spoken)
+        await self._set_state("listening")
+
+    async def _respond(
+        self, response: _Response, text: str | None, audio: np.ndarray | None, fixed_reply: str | None
+    ) -> None:
+        turn_id = response.turn_id
+        if audio is not None:
+            await self._set_state("thinking")
+            text = await self._asr.final(audio)
+            self._asr.reset()
+            response.mark("asr_final")
+            await self.output.send_event("input_audio_transcription.completed", turn_id=turn_id, transcript=text)
+            if not text.strip():
+                # Noise that looked like speech: nothing to answer.
+                self._response = None
+                await self.output.send_event("response.done", turn_id=turn_id, status="empty", text="")
+                await self._set_state("listening")
+                return
+        if text is not None:
+            self.memory.add_user(text)
+            await self._set_state("thinking")
+        await self.output.send_event("response.created", turn_id=turn_id)
+
+        sentences: asyncio.Queue[str | None] = asyncio.Queue(maxsize=self.settings.limits.queue_chunks)
+        speaker = asyncio.create_task(self._speak(response, sentences), name=f"{self.id}:tts-{turn_id}")
+        try:
+            if fixed_reply is not None:
+                response.generated_text = fixed_reply
+                await self.output.send_event("response.text.delta", turn_id=turn_id, delta=fixed_reply)
+                splitter = self._splitter()
+                for sentence in splitter.push(fixed_reply) + splitter.flush():
+                    await sentences.put(sentence)
+            else:
+                await self._generate(response, sentences)
+            await sentences.put(None)
+            response.finished_generating = True
+            await self.output.send_event("response.text.done", turn_id=turn_id, text=response.generated_text)
+            await speaker
+        finally:
+            if not speaker.done():
+                speaker.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await speaker
+        # Let the clock play out what is queued, then close the turn.
+        while self.clock is not None and self.clock.busy:
+            self._playback_idle.clear()
+            await self._playback_idle.wait()
+        if self._response is response:
+            self._response = None
+        spoken = response.spoken_text()
+        if fixed_reply is not None or spoken:
+            self.memory.add_assistant(spoken or response.generated_text)
+        await self.output.send_event(
+            "response.done", turn_id=turn_id, status="completed", text=spoken, latency_ms=response.marks_ms()
+        )
+        await self._set_state("listening")
+
+    def _splitter(self) -> SentenceSplitter:
+        return SentenceSplitter(
+            min_chars=self.settings.tts.min_sentence_chars, max_chars=self.settings.tts.max_sentence_chars
+        )
+
+    async def _generate(self, response: _Response, sentences: asyncio.Queue[str | None]) -> None:
+        splitter = self._splitter()
+        stream = self.models.llm.stream(self.memory.messages())
+        try:
+            async for delta in stream:
+                if not delta:
+                    continue
+                response.mark("llm_first_token")
+                response.generated_text += delta
+                await self.output.send_event("response.text.delta", turn_id=response.turn_id, delta=delta)
+                for sentence in splitter.push(delta):
+                    response.mark("first_sentence")
+                    await sentences.put(sentence)
+        finally:
+            await stream.aclose()
+        for sentence in splitter.flush():
+            response.mark("first_sentence")
+            await sentences.put(sentence)
+
+    async def _speak(self, response: _Response, sentences: asyncio.Queue[str | None]) -> None:
+        """TTS each sentence as it arrives and queue its audio on the clock."""
+        assert self.clock is not None and self.output_sample_rate is not None
+        tts = self.models.tts
+        while (sentence := await sentences.get()) is not None:
+            pieces: list[np.ndarray] = []
+            stream = tts.synthesize(sentence)
+            try:
+                async for chunk in stream:
+                    response.mark("tts_first_audio")
+                    pieces.append(resample(chunk, tts.sample_rate, self.output_sample_rate))
+            finally:
+                await stream.aclose()
+            if not pieces:
+                continue
+            samples = np.concatenate(pieces)
+            segment_id = await self.clock.enqueue(response.turn_id, samples)
+            response.segments[segment_id] = (sentence, len(samples))
+            self._playback_idle.clear()
+
+    async def _on_tick(self, tick: Tick) -> None:
+        if tick.audio is None:
+            self._playback_idle.set()
+            return
+        response = self._response
+        if response is not None and response.turn_id == tick.turn_id:
+            for segment_id, samples in tick.spans:
+                response.played[segment_id] = response.played.get(segment_id, 0) + samples
+            if "first_audio" not in response.marks:
+                response.mark("first_audio")
+                await self._set_state("speaking")
+                marks = response.marks_ms()
+                logger.info("session %s turn %d latency %s", self.id, response.turn_id, marks)
+                await self.output.send_event("latency", turn_id=response.turn_id, marks_ms=marks)
+        await self.output.send_audio(tick.index, tick.audio)

@@ -1,0 +1,144 @@
+"""Turn-taking: when the user starts, pauses and ends a turn.
+
+The detector is pure logic over 32 ms VAD windows, so it is cheap and
+deterministic to test. Durations are counted in audio time (windows), not wall
+time; the caller passes the wall-clock time of each window so that latency
+marks refer to when the audio actually arrived.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+from avatalk.config import TurnSettings, VADSettings
+
+WINDOW_MS = 32.0
+
+
+class TurnEventKind(str, Enum):
+    SPEECH_STARTED = "speech_started"
+    SPEECH_PAUSED = "speech_paused"  # first silent window after speech: a chance to transcribe early
+    SPEECH_RESUMED = "speech_resumed"
+    TURN_ENDED = "turn_ended"
+    BLIP = "blip"  # speech too short to be a turn; dropped
+
+
+@dataclass(slots=True)
+class TurnEvent:
+    kind: TurnEventKind
+    at: float  # monotonic time of the window that caused it
+    speech_ms: float = 0.0  # voiced length of the utterance so far
+    audio: np.ndarray | None = None  # the whole utterance (pre-roll included) on TURN_ENDED
+    speech_end_at: float | None = None  # wall time the last voiced window arrived (TURN_ENDED)
+
+
+class TurnDetector:
+    """Endpointing with hysteresis, pre-roll and a sentence-aware silence."""
+
+    def __init__(self, turns: TurnSettings, vad: VADSettings) -> None:
+        self.turns = turns
+        self.vad = vad
+        self._preroll: deque[np.ndarray] = deque(maxlen=max(1, round(vad.preroll_ms / WINDOW_MS)))
+        self.sentence_complete = False
+        self._reset_utterance()
+
+    def _reset_utterance(self) -> None:
+        self.in_speech = False
+        self._windows: list[np.ndarray] = []
+        self._voiced_windows = 0
+        self._silent_run = 0
+        self._last_voiced_at = 0.0
+        self._paused = False
+        self.sentence_complete = False
+
+    @property
+    def speech_ms(self) -> float:
+        """Voiced length of the current utterance."""
+        return self._voiced_windows * WINDOW_MS
+
+    @property
+    def utterance_samples(self) -> int:
+        return sum(len(window) for window in self._windows)
+
+    @property
+    def silence_ms(self) -> float:
+        return self._silent_run * WINDOW_MS
+
+    def utterance(self) -> np.ndarray:
+        """The audio of the current utterance so far (pre-roll included)."""
+        if not self._windows:
+            return np.zeros(0, dtype=np.float32)
+        return np.concatenate(self._windows)
+
+    def _end_silence_ms(self) -> float:
+        if self.sentence_complete:
+            return min(self.turns.sentence_end_silence_ms, self.turns.end_silence_ms)
+        return self.turns.end_silence_ms
+
+    def push(self, window: np.ndarray, probability: float, now: float) -> list[TurnEvent]:
+        """Feed one 32 ms window and its speech probability."""
+        events: list[TurnEvent] = []
+        if not self.in_speech:
+            if probability >= self.vad.threshold:
+                self.in_speech = True
+                self._windows = list(self._preroll)
+                self._preroll.clear()
+                self._windows.append(window)
+                self._voiced_windows = 1
+                self._last_voiced_at = now
+                events.append(TurnEvent(TurnEventKind.SPEECH_STARTED, now, self.speech_ms))
+            else:
+                self._preroll.append(window)
+            return events
+
+        self._windows.append(window)
+        voiced = probability >= self.vad.negative_threshold if self._silent_run == 0 else probability >= self.vad.threshold
+        if voiced:
+            if self._paused:
+                self._paused = False
+                self.sentence_complete = False
+                events.append(TurnEvent(TurnEventKind.SPEECH_RESUMED, now, self.speech_ms))
+            self._voiced_windows += 1
+            self._silent_run = 0
+            self._last_voiced_at = now
+        else:
+            self._silent_run += 1
+            if not self._paused:
+                self._paused = True
+                events.append(TurnEvent(TurnEventKind.SPEECH_PAUSED, now, self.speech_ms))
+
+        utterance_s = len(self._windows) * WINDOW_MS / 1000.0
+        if self._paused and self.silence_ms >= self._end_silence_ms():
+            events.append(self._finish(now))
+        elif utterance_s >= self.turns.max_turn_s:
+            events.append(self._finish(now))
+        return events
+
+    def force_end(self, now: float) -> TurnEvent | None:
+        """End the turn now (push-to-talk commit); None when nobody is speaking."""
+        if not self.in_speech:
+            return None
+        return self._finish(now)
+
+    def _finish(self, now: float) -> TurnEvent:
+        speech_ms = self.speech_ms
+        if speech_ms < self.turns.min_speech_ms:
+            event = TurnEvent(TurnEventKind.BLIP, now, speech_ms)
+        else:
+            event = TurnEvent(
+                TurnEventKind.TURN_ENDED,
+                now,
+                speech_ms,
+                audio=self.utterance(),
+                speech_end_at=self._last_voiced_at,
+            )
+        self._reset_utterance()
+        return event
+
+    def reset(self) -> None:
+        self._preroll.clear()
+        self._reset_utterance()

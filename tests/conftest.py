@@ -1,0 +1,45 @@
+"""Shared fixtures: settings, speech generated with piper, a live server on loopback."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from functools import lru_cache
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from avatalk.config import Settings  # noqa: E402
+from avatalk.streaming.audio import resample  # noqa: E402
+
+
+@pytest.fixture
+def settings(tmp_path) -> Settings:
+    return Settings(data_dir=tmp_path / "data")
+
+
+@lru_cache(maxsize=1)
+def _piper_voice():
+    from piper import PiperVoice
+
+    return PiperVoice.load(str(Settings().tts_model_path()))
+
+
+@lru_cache(maxsize=32)
+def _speech(text: str, sample_rate: int) -> np.ndarray:
+    voice = _piper_voice()
+    chunks = [chunk.audio_float_array for chunk in voice.synthesize(text)]
+    audio = np.concatenate(chunks).astype(np.float32)
+    return resample(audio, voice.config.sample_rate, sample_rate)
+
+
+@pytest.fixture(scope="session")
+def speech() -> Callable[..., np.ndarray]:
+    """``speech("What is two plus two?", 16000)`` -> float32 mono audio spoken by piper."""
+
+    def make(text: str, sample_rate: int = 16000) -> np.ndarray:
+        return _speech(text, sample_rate).copy()
+
+    return make

@@ -1,0 +1,70 @@
+import asyncio
+
+import numpy as np
+import pytest
+
+from avatalk.streaming.clock import MediaClock
+
+
+async def test_ticks_carry_exactly_their_audio():
+    clock = MediaClock(24000)
+    audio = np.arange(24000 * 3 // 25 + 100, dtype=np.float32)  # 3 ticks + 100 samples
+    await clock.enqueue(1, audio[:1000])
+    await clock.enqueue(1, audio[1000:])
+    ticks = [clock.next_tick() for _ in range(6)]
+    assert [t.index for t in ticks] == list(range(6))
+    spoken = np.concatenate([t.audio for t in ticks if t.audio is not None])
+    assert len(spoken) == 4 * 960  # the last partial tick is padded with silence
+    np.testing.assert_array_equal(spoken[: len(audio)], audio)
+    assert np.all(spoken[len(audio) :] == 0)
+    assert ticks[4].audio is None and ticks[5].audio is None
+    assert ticks[1].spans == [(0, 40), (1, 920)]  # the sentence boundary inside tick 1
+
+
+async def test_clear_drops_queued_audio_at_once():
+    clock = MediaClock(16000)
+    await clock.enqueue(7, np.ones(16000, dtype=np.float32))
+    assert clock.next_tick().audio is not None
+    dropped = clock.clear(7)
+    assert dropped == 16000 - 640
+    assert clock.next_tick().audio is None and not clock.busy
+
+
+async def test_clear_keeps_other_turns():
+    clock = MediaClock(16000)
+    await clock.enqueue(1, np.ones(640, dtype=np.float32))
+    await clock.enqueue(2, np.full(640, 2.0, dtype=np.float32))
+    clock.clear(1)
+    tick = clock.next_tick()
+    assert tick.turn_id == 2 and float(tick.audio[0]) == 2.0
+
+
+async def test_enqueue_waits_when_full():
+    clock = MediaClock(16000, max_queued_s=0.1)
+    await clock.enqueue(1, np.ones(1600, dtype=np.float32))
+    blocked = asyncio.create_task(clock.enqueue(1, np.ones(640, dtype=np.float32)))
+    await asyncio.sleep(0.01)
+    assert not blocked.done()
+    clock.next_tick()
+    await asyncio.wait_for(blocked, 1.0)
+
+
+async def test_run_releases_ticks_at_real_time():
+    clock = MediaClock(16000)
+    seen: list[int] = []
+
+    async def sink(tick):
+        seen.append(tick.index)
+
+    task = asyncio.create_task(clock.run(sink))
+    await asyncio.sleep(0.5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert 8 <= len(seen) <= 16  # ~12 ticks in 0.5 s; loose bounds, not a timing assertion
+    assert seen == list(range(len(seen)))
+
+
+def test_rate_must_be_multiple_of_25():
+    with pytest.raises(ValueError):
+        MediaClock(22051)
