@@ -43,3 +43,59 @@ def speech() -> Callable[..., np.ndarray]:
         return _speech(text, sample_rate).copy()
 
     return make
+
+
+class LiveServer:
+    """A real uvicorn server on 127.0.0.1 (random port) in a background thread."""
+
+    def __init__(self, app, ws_max_size: int = 4 * 1024 * 1024) -> None:
+        import threading
+        import time
+
+        import uvicorn
+
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=0, ws="websockets", ws_max_size=ws_max_size, log_level="warning", lifespan="on"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("test server did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.ws_url = f"ws://127.0.0.1:{port}/v1/ws"
+        self.app = app
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def engine_models():
+    """The real embedded models, loaded once for the whole test run."""
+    from avatalk.streaming.models import EngineModels
+
+    return EngineModels.load(Settings())
+
+
+@pytest.fixture(scope="session")
+def live_server_factory(engine_models, tmp_path_factory):
+    """Start servers sharing the loaded models; all are stopped at the end."""
+    from avatalk.server.app import create_app
+
+    servers: list[LiveServer] = []
+
+    def start(models=None, **overrides) -> LiveServer:
+        settings = Settings(data_dir=tmp_path_factory.mktemp("data"), **overrides)
+        server = LiveServer(create_app(settings, models or engine_models), settings.limits.max_ws_message_bytes)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

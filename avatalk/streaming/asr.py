@@ -116,9 +116,19 @@ class TurnTranscriber:
         """The user spoke again after the pause: the early result no longer covers the turn."""
         self._early_samples = 0
 
-    async def final(self, audio: np.ndarray) -> str:
-        """The final transcript; reuses the early pass when only silence followed it."""
-        task = self._early_task
-        if task is not None and self._early_samples and not task.cancelled():
-            return await task
+    def take_early(self) -> asyncio.Task[str] | None:
+        """Hand the pause transcription over to the turn's response, if it still covers the turn.
+
+        The transcriber then forgets it, so a new utterance starting meanwhile
+        (which resets the transcriber) cannot cancel the finished turn's final.
+        """
+        task = self._early_task if self._early_samples else None
+        self._early_task = None
+        self._early_samples = 0
+        return task if task is not None and not task.cancelled() else None
+
+    async def final(self, audio: np.ndarray, early: asyncio.Task[str] | None = None) -> str:
+        """The final transcript: the early pass when only silence followed it, else a new pass."""
+        if early is not None:
+            return await early
         return await asyncio.to_thread(self.asr.transcribe, audio)

@@ -310,8 +310,10 @@ class ConversationSession:
             await self.output.send_event("input_audio_buffer.speech_stopped", turn_id=self._listening_turn)
             if self._response is not None:
                 await self.interrupt("new_input")
+            early = self._asr.take_early()
+            self._asr.reset()
             self._start_response(
-                text=None, started_at=event.speech_end_at or event.at, audio=event.audio
+                text=None, started_at=event.speech_end_at or event.at, audio=event.audio, early=early
             )
 
     def _start_response(
@@ -320,20 +322,26 @@ class ConversationSession:
         started_at: float,
         audio: np.ndarray | None = None,
         fixed_reply: str | None = None,
+        early: asyncio.Task[str] | None = None,
     ) -> None:
         turn_id = self._next_turn_id
         self._next_turn_id += 1
         response = _Response(turn_id=turn_id, started_at=started_at)
         self._response = response
         response.task = asyncio.create_task(
-            self._run_response(response, text, audio, fixed_reply), name=f"{self.id}:response-{turn_id}"
+            self._run_response(response, text, audio, fixed_reply, early), name=f"{self.id}:response-{turn_id}"
         )
 
     async def _run_response(
-        self, response: _Response, text: str | None, audio: np.ndarray | None, fixed_reply: str | None
+        self,
+        response: _Response,
+        text: str | None,
+        audio: np.ndarray | None,
+        fixed_reply: str | None,
+        early: asyncio.Task[str] | None,
     ) -> None:
         try:
-            await self._respond(response, text, audio, fixed_reply)
+            await self._respond(response, text, audio, fixed_reply, early)
         except asyncio.CancelledError:
             raise
         except (LLMError, TTSError) as error:
@@ -355,13 +363,17 @@ class ConversationSession:
         await self._set_state("listening")
 
     async def _respond(
-        self, response: _Response, text: str | None, audio: np.ndarray | None, fixed_reply: str | None
+        self,
+        response: _Response,
+        text: str | None,
+        audio: np.ndarray | None,
+        fixed_reply: str | None,
+        early: asyncio.Task[str] | None,
     ) -> None:
         turn_id = response.turn_id
         if audio is not None:
             await self._set_state("thinking")
-            text = await self._asr.final(audio)
-            self._asr.reset()
+            text = await self._asr.final(audio, early)
             response.mark("asr_final")
             await self.output.send_event("input_audio_transcription.completed", turn_id=turn_id, transcript=text)
             if not text.strip():

@@ -1,0 +1,210 @@
+"""End to end through the real WebSocket, with the real embedded models."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+
+import httpx
+import numpy as np
+import pytest
+
+from avatalk.client import AvatalkClient, talk, write_wav
+from avatalk.streaming.audio import rms_dbfs
+from avatalk.streaming.models import EngineModels
+
+pytestmark = pytest.mark.slow
+
+LONG_GREETING = (
+    "Hello and welcome! I am your assistant for today, and I am going to talk for quite a while now, "
+    "so that there is plenty of time to interrupt me in the middle of this rather long greeting. "
+    "Feel free to say something whenever you like, and I will stop talking straight away."
+)
+
+
+def normalise(text: str) -> str:
+    words = re.sub(r"[^a-z0-9 ]", "", text.lower()).split()
+    return " ".join({"2": "two", "4": "four"}.get(word, word) for word in words)
+
+
+@pytest.fixture(scope="module")
+def server(live_server_factory):
+    return live_server_factory(limits={"max_sessions": 6})
+
+
+async def open_session(url: str, **session) -> AvatalkClient:
+    client = AvatalkClient(url)
+    await client.connect()
+    await client.wait_for(lambda e: e["type"] == "session.created")
+    configured = await client.configure(**session)
+    assert configured["type"] == "session.updated", configured
+    return client
+
+
+async def test_health_and_readiness(server):
+    async with httpx.AsyncClient(base_url=server.base_url) as http:
+        assert (await http.get("/healthz")).json() == {"status": "ok"}
+        ready = await http.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+async def test_spoken_question_gets_a_spoken_answer(server, speech, tmp_path):
+    question = np.concatenate([np.zeros(8000, np.float32), speech("What is two plus two?")])
+    wav = tmp_path / "question.wav"
+    write_wav(wav, question, 16000)
+    result = await talk(server.ws_url, wav, timeout=90)
+    assert "what is two plus two" in normalise(result.transcript)
+    assert result.reply.strip()
+    assert result.audio_seconds > 0.5
+    assert rms_dbfs(result.audio) > -35.0
+    for mark in ("asr_final", "llm_first_token", "tts_first_audio", "first_audio"):
+        assert result.latency_ms[mark] >= 0, mark
+    assert result.latency_ms["first_audio"] >= result.latency_ms["tts_first_audio"]
+    kinds = [event["type"] for event in result.events]
+    for kind in ("input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped", "latency", "state"):
+        assert kind in kinds, kind
+
+
+async def test_typed_input_and_greeting(server):
+    client = await open_session(server.ws_url, greeting=True, persona={"greeting": "Hi there, nice to meet you."})
+    try:
+        greeting = await client.wait_for(lambda e: e["type"] == "response.done", timeout=60)
+        assert greeting["status"] == "completed" and greeting["text"] == "Hi there, nice to meet you."
+        assert len(client.audio) > 10
+        mark = len(client.events)
+        await client.send_event("conversation.item.create", text="Say hello.")
+        done = await client.wait_for(lambda e: e["type"] == "response.done", since=mark, timeout=60)
+        assert done["status"] == "completed"
+        deltas = [e["delta"] for e in client.events[mark:] if e["type"] == "response.text.delta"]
+        assert "".join(deltas).strip()
+        states = [e["state"] for e in client.events[mark:] if e["type"] == "state"]
+        assert states[:3] == ["thinking", "speaking", "listening"]
+    finally:
+        await client.close()
+
+
+async def test_barge_in_stops_reply_audio(server, speech):
+    client = await open_session(server.ws_url, greeting=True, persona={"greeting": LONG_GREETING})
+    try:
+        first = await client.wait_for(lambda e: e["type"] == "latency", timeout=60)
+        await asyncio.sleep(1.0)  # the avatar is mid-sentence
+        mark = len(client.events)
+        interruption = asyncio.create_task(
+            client.wait_for(lambda e: e["type"] == "response.interrupted", since=mark, timeout=30)
+        )
+        await client.stream_audio(speech("Stop, please wait a moment."), 16000)
+        event = await interruption
+        assert event["turn_id"] == first["turn_id"] and event["reason"] == "barge_in"
+        spoken = event["spoken_text"]
+        assert spoken and LONG_GREETING.startswith(spoken) and len(spoken) < len(LONG_GREETING)
+        stopped_at = event["_received_at"]
+        # Reply audio stops: nothing more of that turn after the interruption (allow frames in flight).
+        await asyncio.sleep(1.0)
+        late = [chunk for chunk in client.audio if chunk.received_at > stopped_at + 0.15]
+        next_reply = [e["_received_at"] for e in client.events[mark:] if e["type"] == "response.created"]
+        cutoff = next_reply[0] if next_reply else float("inf")
+        assert not [chunk for chunk in late if chunk.received_at < cutoff]
+    finally:
+        await client.close()
+
+
+async def test_bad_input_gets_clear_errors_and_the_session_lives_on(server):
+    client = AvatalkClient(server.ws_url)
+    await client.connect()
+    try:
+        await client.wait_for(lambda e: e["type"] == "session.created")
+
+        async def expect_error(payload, code):
+            mark = len(client.events)
+            await client.send_raw(payload)
+            error = await client.wait_for(lambda e: e["type"] == "error", since=mark, timeout=10)
+            assert error["code"] == code, error
+            assert error["message"]
+
+        await expect_error(b"\x00\x01" * 160, "audio_before_configuration")
+        await expect_error("this is not json", "invalid_json")
+        await expect_error('{"type": "make.coffee"}', "unknown_event")
+        await expect_error('{"type": "session.update", "session": {}}', "invalid_session_config")
+        await expect_error('{"type": "session.update", "session": {"input_sample_rate": 12345}}', "unsupported_sample_rate")
+        await expect_error('{"type": "conversation.item.create", "text": "hi"}', "not_configured")
+        configured = await client.configure(16000, 24000)
+        assert configured["type"] == "session.updated"
+        await expect_error(b"\x00" * 301, "invalid_audio")
+        await expect_error(b"\x00" * (300 * 1024), "frame_too_large")
+        await expect_error('{"type": "session.update", "session": {"input_sample_rate": 48000}}', "invalid_session_config")
+        await expect_error('{"type": "response.cancel"}', "no_response")
+        # Still a working session.
+        mark = len(client.events)
+        await client.send_event("conversation.item.create", text="Hello!")
+        done = await client.wait_for(lambda e: e["type"] == "response.done", since=mark, timeout=60)
+        assert done["status"] == "completed"
+    finally:
+        await client.close()
+
+
+async def test_message_above_the_hard_cap_closes_cleanly(server):
+    client = await open_session(server.ws_url)
+    await client.send_raw(b"\x00" * (5 * 1024 * 1024))
+    await asyncio.wait_for(client.closed.wait(), 10)
+    assert client.close_code == 1009
+    other = await open_session(server.ws_url)
+    await other.close()
+
+
+async def test_client_disconnecting_mid_reply_frees_its_slot(server):
+    sessions = server.app.state.sessions
+    before = sessions.active
+    client = await open_session(server.ws_url, greeting=True, persona={"greeting": LONG_GREETING})
+    await client.wait_for(lambda e: e["type"] == "latency", timeout=60)
+    assert sessions.active == before + 1
+    client._ws.transport.abort()  # vanish without a closing handshake
+    await client.close()
+    for _ in range(100):
+        if sessions.active == before:
+            break
+        await asyncio.sleep(0.05)
+    assert sessions.active == before
+    survivor = await open_session(server.ws_url)
+    mark = len(survivor.events)
+    await survivor.send_event("conversation.item.create", text="Are you still there?")
+    done = await survivor.wait_for(lambda e: e["type"] == "response.done", since=mark, timeout=60)
+    assert done["status"] == "completed"
+    await survivor.close()
+
+
+async def test_full_server_refuses_clearly(live_server_factory):
+    small = live_server_factory(limits={"max_sessions": 1})
+    first = await open_session(small.ws_url)
+    refused = AvatalkClient(small.ws_url)
+    await refused.connect()
+    error = await refused.wait_for(lambda e: e["type"] == "error")
+    assert error["code"] == "server_full" and "limit of 1" in error["message"]
+    await asyncio.wait_for(refused.closed.wait(), 10)
+    assert refused.close_code == 1013
+    await first.close()
+
+
+def unused_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_dead_llm_server_is_an_error_event_not_a_crash(live_server_factory, engine_models):
+    from avatalk.llm.openai_compatible import OpenAICompatibleLLM
+
+    dead = OpenAICompatibleLLM(base_url=f"http://127.0.0.1:{unused_port()}/v1", model="x", timeout_s=2.0)
+    models = EngineModels(vad=engine_models.vad, asr=engine_models.asr, llm=dead, tts=engine_models.tts)
+    server = live_server_factory(models=models)
+    client = await open_session(server.ws_url)
+    try:
+        for attempt in range(2):
+            mark = len(client.events)
+            await client.send_event("conversation.item.create", text="Hello?")
+            error = await client.wait_for(lambda e: e["type"] == "error", since=mark, timeout=30)
+            assert error["code"] == "llm_error" and "127.0.0.1" in error["message"]
+            done = await client.wait_for(lambda e: e["type"] == "response.done", since=mark, timeout=30)
+            assert done["status"] == "failed"
+    finally:
+        await client.close()
