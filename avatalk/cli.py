@@ -39,7 +39,7 @@ def serve(
         host=settings.host,
         port=settings.port,
         loop="uvloop",
-        ws="websockets",
+        ws="websockets-sansio",
         ws_max_size=settings.limits.max_ws_message_bytes,
         log_level=settings.log_level.lower(),
     )

@@ -55,7 +55,7 @@ class LiveServer:
         import uvicorn
 
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=0, ws="websockets", ws_max_size=ws_max_size, log_level="warning", lifespan="on"
+            app, host="127.0.0.1", port=0, ws="websockets-sansio", ws_max_size=ws_max_size, log_level="warning", lifespan="on"
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -214,12 +214,10 @@ class ConversationSession:
         await self.output.send_event(
             "response.interrupted", turn_id=response.turn_id, reason=reason, spoken_text=spoken
         )
-        await self.output.send_event(
-            "response.done", turn_id=response.turn_id, status="interrupted", text=spoken
-        )
-        logger.info("session %s turn %d interrupted (%s); kept %r", self.id, response.turn_id, reason, spoken)
-        if reason == "barge_in":
+        if reason != "new_input":
             await self._set_state("listening")
+        await self.output.send_event("response.done", turn_id=response.turn_id, status="interrupted", text=spoken)
+        logger.info("session %s turn %d interrupted (%s); kept %r", self.id, response.turn_id, reason, spoken)
         return True
 
     async def close(self) -> None:
@@ -359,8 +357,8 @@ class ConversationSession:
         if spoken:
             self.memory.add_assistant(spoken)
         await self.output.send_event("error", code=code, message=message, turn_id=response.turn_id)
-        await self.output.send_event("response.done", turn_id=response.turn_id, status="failed", text=spoken)
         await self._set_state("listening")
+        await self.output.send_event("response.done", turn_id=response.turn_id, status="failed", text=spoken)
 
     async def _respond(
         self,
@@ -379,8 +377,8 @@ class ConversationSession:
             if not text.strip():
                 # Noise that looked like speech: nothing to answer.
                 self._response = None
-                await self.output.send_event("response.done", turn_id=turn_id, status="empty", text="")
                 await self._set_state("listening")
+                await self.output.send_event("response.done", turn_id=turn_id, status="empty", text="")
                 return
         if text is not None:
             self.memory.add_user(text)
@@ -416,10 +414,10 @@ class ConversationSession:
         spoken = response.spoken_text()
         if fixed_reply is not None or spoken:
             self.memory.add_assistant(spoken or response.generated_text)
+        await self._set_state("listening")
         await self.output.send_event(
             "response.done", turn_id=turn_id, status="completed", text=spoken, latency_ms=response.marks_ms()
         )
-        await self._set_state("listening")
 
     def _splitter(self) -> SentenceSplitter:
         return SentenceSplitter(

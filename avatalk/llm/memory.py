@@ -1,0 +1,122 @@
+"""Dialogue history of one conversation, trimmed to fit the model's budget.
+
+Small embedded models have short contexts and slow prompt processing, so
+only the most recent exchanges are sent, within both a turn count and a token
+budget. History is kept as exchanges (a user message and the reply that was
+actually spoken) so trimming drops whole exchanges and the messages always
+alternate user/assistant, which many chat templates require.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from avatalk.llm.base import ChatMessage
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Exchange:
+    """A user message and the assistant reply to it; either may be missing.
+
+    ``user`` is None only for a reply spoken before the user said anything
+    (the greeting); ``assistant`` is None while the reply is pending or when
+    nothing of it was spoken.
+    """
+
+    user: str | None
+    assistant: str | None = None
+
+    def messages(self) -> list[ChatMessage]:
+        """This exchange as chat messages, missing parts left out."""
+        result: list[ChatMessage] = []
+        if self.user is not None:
+            result.append(ChatMessage("user", self.user))
+        if self.assistant is not None:
+            result.append(ChatMessage("assistant", self.assistant))
+        return result
+
+
+class DialogueMemory:
+    """System prompt plus the recent user/assistant exchanges of one session.
+
+    Alternation rules, so the history is always valid for strict chat
+    templates:
+
+    - ``add_assistant`` with empty or whitespace-only text (nothing was spoken,
+      e.g. an immediate barge-in) records nothing; the user message stays
+      unanswered.
+    - ``add_user`` while the previous user message is still unanswered merges
+      the two into one user message (joined by a space): to the model it is
+      one longer turn, which is what the user experienced.
+    - ``add_assistant`` when the last reply already has text appends to it,
+      and before any user message it starts an assistant-only exchange (the
+      greeting).
+    """
+
+    def __init__(
+        self,
+        system_prompt: str,
+        max_turns: int,
+        max_tokens: int,
+        count_tokens: Callable[[str], int],
+    ) -> None:
+        """``max_turns`` earlier exchanges and ``max_tokens`` of history at most.
+
+        ``count_tokens`` is usually ``LLM.count_tokens`` so budgets match the
+        model's tokenizer.
+        """
+        self.system_prompt = system_prompt
+        self.max_turns = max_turns
+        self.max_tokens = max_tokens
+        self._count_tokens = count_tokens
+        self._exchanges: list[_Exchange] = []
+
+    def add_user(self, text: str) -> None:
+        """Record what the user said (empty text is ignored)."""
+        text = text.strip()
+        if not text:
+            return
+        last = self._exchanges[-1] if self._exchanges else None
+        if last is not None and last.user is not None and last.assistant is None:
+            logger.debug("merging user message into the unanswered one before it")
+            last.user = f"{last.user} {text}"
+        else:
+            self._exchanges.append(_Exchange(user=text))
+
+    def add_assistant(self, text: str) -> None:
+        """Record what the assistant actually said (empty text is dropped)."""
+        text = text.strip()
+        if not text:
+            return
+        last = self._exchanges[-1] if self._exchanges else None
+        if last is None:
+            self._exchanges.append(_Exchange(user=None, assistant=text))
+        elif last.assistant is None:
+            last.assistant = text
+        else:
+            last.assistant = f"{last.assistant} {text}"
+
+    def messages(self) -> list[ChatMessage]:
+        """The system prompt and the newest exchanges within both budgets.
+
+        The newest exchange (which holds the latest user message) is always
+        kept, even alone over the token budget; ``max_turns`` and
+        ``max_tokens`` limit the exchanges before it, oldest dropped first.
+        The system prompt is not counted against the history budget.
+        """
+        kept: list[_Exchange] = []
+        tokens = 0
+        for index, exchange in enumerate(reversed(self._exchanges)):
+            cost = sum(self._count_tokens(message.content) for message in exchange.messages())
+            if index > 0 and (index > self.max_turns or tokens + cost > self.max_tokens):
+                break
+            kept.append(exchange)
+            tokens += cost
+        result = [ChatMessage("system", self.system_prompt)]
+        for exchange in reversed(kept):
+            result.extend(exchange.messages())
+        return result

@@ -1,0 +1,128 @@
+"""Any OpenAI-compatible chat server (vLLM, SGLang, Ollama, llama.cpp server).
+
+This is how avatalk scales the language part past one machine: the model runs
+in a serving engine and avatalk streams ``/chat/completions`` over HTTP. The
+request is plain async I/O, so cancelling the consumer closes the connection,
+which serving engines take as the signal to stop generating.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from avatalk.llm.base import LLM, ChatMessage, LLMError
+
+logger = logging.getLogger(__name__)
+
+# Error bodies are quoted in LLMError messages; long HTML pages are cut.
+_MAX_ERROR_TEXT = 300
+
+
+class OpenAICompatibleLLM(LLM):
+    """Streams chat completions from ``{base_url}/chat/completions``."""
+
+    name = "openai"
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        model: str = "default",
+        api_key: str | None = None,
+        max_tokens: int = 96,
+        temperature: float = 0.3,
+        timeout_s: float = 20.0,
+    ) -> None:
+        """Prepare a connection pool; nothing is contacted until the first request."""
+        self._url = base_url.rstrip("/") + "/chat/completions"
+        self._model = model
+        self._max_tokens = max_tokens
+        self._temperature = temperature
+        self._timeout_s = timeout_s
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout_s))
+
+    async def stream(self, messages: list[ChatMessage]) -> AsyncIterator[str]:
+        """Stream the reply; see ``LLM.stream``."""
+        payload = {
+            "model": self._model,
+            "messages": [{"role": message.role, "content": message.content} for message in messages],
+            "stream": True,
+            "max_tokens": self._max_tokens,
+            "temperature": self._temperature,
+        }
+        try:
+            async with self._client.stream("POST", self._url, json=payload) as response:
+                if not response.is_success:
+                    body = (await response.aread()).decode("utf-8", errors="replace")
+                    raise LLMError(
+                        f"LLM server at {self._url} answered HTTP {response.status_code}: {shorten_error_text(body)}"
+                    )
+                async for line in response.aiter_lines():
+                    delta = self._parse_event_line(line)
+                    if delta is None:
+                        return
+                    if delta:
+                        yield delta
+        except httpx.ConnectError as error:
+            raise LLMError(f"LLM server at {self._url} is unreachable: {connect_failure_reason(error)}") from error
+        except httpx.TimeoutException as error:
+            raise LLMError(f"LLM server at {self._url} did not answer within {self._timeout_s:g} s") from error
+        except httpx.HTTPError as error:
+            raise LLMError(f"LLM server at {self._url} failed: {type(error).__name__}: {error}") from error
+
+    def _parse_event_line(self, line: str) -> str | None:
+        """The text delta of one SSE line: "" for lines without text, None at ``[DONE]``."""
+        line = line.strip()
+        if not line.startswith("data:"):
+            return ""  # blank separators, comments, "event:" lines
+        data = line[len("data:") :].strip()
+        if data == "[DONE]":
+            return None
+        try:
+            chunk: Any = json.loads(data)
+        except json.JSONDecodeError as error:
+            raise LLMError(f"LLM server at {self._url} sent a malformed event: {shorten_error_text(data)}") from error
+        if not isinstance(chunk, dict):
+            raise LLMError(f"LLM server at {self._url} sent a malformed event: {shorten_error_text(data)}")
+        if "error" in chunk:
+            raise LLMError(
+                f"LLM server at {self._url} reported an error: {shorten_error_text(json.dumps(chunk['error']))}"
+            )
+        choices = chunk.get("choices") or []
+        if not choices:
+            return ""  # e.g. a final usage-only chunk
+        content = (choices[0].get("delta") or {}).get("content")
+        return content if isinstance(content, str) else ""
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._client.aclose()
+
+
+def shorten_error_text(text: str) -> str:
+    """``text`` on one line, cut to a length that fits in an error message."""
+    text = " ".join(text.split())
+    return text if len(text) <= _MAX_ERROR_TEXT else text[: _MAX_ERROR_TEXT - 1] + "…"
+
+
+def connect_failure_reason(error: httpx.ConnectError) -> str:
+    """The operating system's reason for a failed connection ("connection refused").
+
+    httpx reports only "All connection attempts failed"; the socket error
+    that says why sits at the bottom of the exception chain.
+    """
+    reason = str(error) or "connection failed"
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno is not None:
+            reason = os.strerror(cause.errno) if cause.errno > 0 else str(cause.strerror)
+            return reason[:1].lower() + reason[1:]
+        cause = cause.__cause__ or cause.__context__
+    return reason

@@ -1,0 +1,391 @@
+"""LLM backends: llama.cpp with the embedded SmolLM2, an OpenAI-compatible fake server, tiny transformers."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from avatalk.config import Settings
+from avatalk.llm import LLM, ChatMessage, LLMError, OpenAICompatibleLLM, create_llm
+
+# Nothing may come from a model hub, in the code under test or in the test itself.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+QUESTION = [
+    ChatMessage("system", "You are a helpful assistant. Answer briefly."),
+    ChatMessage("user", "What is two plus two?"),
+]
+STORY = [ChatMessage("user", "Write a very long story about a brave knight, a dragon and a castle.")]
+
+
+async def reply(llm: LLM, messages: list[ChatMessage]) -> str:
+    return "".join([delta async for delta in llm.stream(messages)])
+
+
+async def first_delta(llm: LLM, messages: list[ChatMessage]) -> str:
+    """The first delta of a reply; the rest is not generated."""
+    stream = llm.stream(messages)
+    assert isinstance(stream, AsyncIterator)
+    try:
+        return await anext(stream)
+    finally:
+        await stream.aclose()
+
+
+async def first_delta_after_cancel(llm: LLM) -> float:
+    """Start a long reply, stop after its first delta; seconds until a new reply's first delta."""
+    assert await first_delta(llm, STORY)
+    started = time.perf_counter()
+    assert await first_delta(llm, QUESTION)
+    return time.perf_counter() - started
+
+
+async def first_delta_after_task_cancel(llm: LLM) -> float:
+    """Like ``first_delta_after_cancel`` but the consuming task is cancelled (barge-in)."""
+    got_first = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in llm.stream(STORY):
+            got_first.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(got_first.wait(), 30)
+    started = time.perf_counter()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await first_delta(llm, QUESTION)
+    return time.perf_counter() - started
+
+
+# --- llama.cpp with the embedded SmolLM2 ----------------------------------
+
+
+@pytest.fixture(scope="module")
+async def smollm() -> AsyncIterator[LLM]:
+    llm = create_llm(Settings(llm={"max_tokens": 32, "temperature": 0.0}))
+    yield llm
+    await llm.aclose()
+
+
+@pytest.fixture(scope="module")
+async def smollm_long() -> AsyncIterator[LLM]:
+    # A long reply cap makes "stops promptly" observable: finishing it would take seconds.
+    llm = create_llm(Settings(llm={"max_tokens": 400, "temperature": 0.0}))
+    yield llm
+    await llm.aclose()
+
+
+@pytest.mark.slow
+async def test_llama_cpp_answers(smollm: LLM) -> None:
+    assert smollm.name == "llama-cpp"
+    deltas = [delta async for delta in smollm.stream(QUESTION)]
+    assert len(deltas) > 1
+    assert "".join(deltas).strip()
+
+
+@pytest.mark.slow
+async def test_llama_cpp_stops_when_consumer_leaves(smollm_long: LLM) -> None:
+    assert await first_delta_after_cancel(smollm_long) < 2.0
+
+
+@pytest.mark.slow
+async def test_llama_cpp_stops_when_task_cancelled(smollm_long: LLM) -> None:
+    assert await first_delta_after_task_cancel(smollm_long) < 2.0
+
+
+@pytest.mark.slow
+async def test_llama_cpp_serialises_concurrent_sessions(smollm: LLM) -> None:
+    first, second = await asyncio.gather(reply(smollm, QUESTION), reply(smollm, QUESTION))
+    assert first == second  # greedy decoding: the same reply when not interleaved
+
+
+@pytest.mark.slow
+def test_llama_cpp_counts_tokens(smollm: LLM) -> None:
+    assert 3 <= smollm.count_tokens("What is two plus two?") <= 10
+
+
+def test_llama_cpp_missing_model(tmp_path: Path) -> None:
+    with pytest.raises(LLMError, match="does not exist"):
+        create_llm(Settings(llm={"model_path": tmp_path / "missing.gguf"}))
+
+
+def test_llama_cpp_invalid_model(tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus.gguf"
+    bogus.write_bytes(b"this is not a gguf file" * 100)
+    with pytest.raises(LLMError, match="valid GGUF"):
+        create_llm(Settings(llm={"model_path": bogus}))
+
+
+# --- OpenAI-compatible, against a fake server -----------------------------
+
+
+@contextmanager
+def fake_server(app: Starlette) -> Iterator[str]:
+    """Serve ``app`` on a free 127.0.0.1 port in a thread; yields its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(5)
+        sock.close()
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 with nothing listening."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class FakeOpenAIServer:
+    """A fake ``/v1/chat/completions`` that streams SSE like vLLM or llama.cpp server do.
+
+    The model name picks the behaviour: "ok" streams a fixed reply, "endless"
+    streams until the client goes away, "broken" answers HTTP 500, "slow"
+    answers after a delay.
+    """
+
+    REPLY = ["Hel", "lo", " there", ", friend", "!"]
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, object]] = []
+        self.client_left = threading.Event()
+        self.app = Starlette(routes=[Route("/v1/chat/completions", self.completions, methods=["POST"])])
+
+    async def completions(self, request: Request) -> Response:
+        body = await request.json()
+        self.requests.append({"body": body, "authorization": request.headers.get("authorization")})
+        model = body["model"]
+        if model == "broken":
+            return JSONResponse({"error": {"message": "CUDA out of memory"}}, status_code=500)
+        if model == "slow":
+            await asyncio.sleep(1.0)
+        return StreamingResponse(self.events(model), media_type="text/event-stream")
+
+    async def events(self, model: str) -> AsyncIterator[str]:
+        def event(payload: object) -> str:
+            return f"data: {json.dumps(payload)}\n\n"
+
+        yield ": keep-alive comment\n\n"
+        yield event({"choices": [{"index": 0, "delta": {"role": "assistant"}}]})
+        try:
+            if model == "endless":
+                while True:
+                    yield event({"choices": [{"index": 0, "delta": {"content": "word "}}]})
+                    await asyncio.sleep(0.01)
+            for piece in self.REPLY:
+                yield event({"choices": [{"index": 0, "delta": {"content": piece}}]})
+                await asyncio.sleep(0.005)
+            yield event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+            yield event({"choices": [], "usage": {"completion_tokens": 5}})
+            yield "data: [DONE]\n\n"
+        except (asyncio.CancelledError, GeneratorExit):
+            self.client_left.set()
+            raise
+
+
+@pytest.fixture(scope="module")
+def openai_server() -> Iterator[tuple[FakeOpenAIServer, str]]:
+    fake = FakeOpenAIServer()
+    with fake_server(fake.app) as base_url:
+        yield fake, base_url
+
+
+async def test_openai_streams_deltas_in_order_with_auth(openai_server: tuple[FakeOpenAIServer, str]) -> None:
+    fake, base_url = openai_server
+    settings = Settings(llm={"backend": "openai", "base_url": base_url, "model": "ok", "api_key": "sk-secret"})
+    llm = create_llm(settings)
+    assert isinstance(llm, OpenAICompatibleLLM)
+    fake.requests.clear()
+    deltas = [delta async for delta in llm.stream(QUESTION)]
+    await llm.aclose()
+    assert deltas == FakeOpenAIServer.REPLY
+    [request] = fake.requests
+    assert request["authorization"] == "Bearer sk-secret"
+    body = request["body"]
+    assert isinstance(body, dict)
+    assert body["stream"] is True
+    assert body["model"] == "ok"
+    assert body["max_tokens"] == settings.llm.max_tokens
+    assert body["messages"] == [{"role": m.role, "content": m.content} for m in QUESTION]
+
+
+async def test_openai_cancel_closes_the_stream(openai_server: tuple[FakeOpenAIServer, str]) -> None:
+    fake, base_url = openai_server
+    fake.client_left.clear()
+    llm = OpenAICompatibleLLM(base_url, model="endless")
+    stream = llm.stream(QUESTION)
+    assert isinstance(stream, AsyncIterator)
+    assert await anext(stream) == "word "
+    await stream.aclose()
+    # The server sees the connection close, which is how serving engines stop generating.
+    assert await asyncio.to_thread(fake.client_left.wait, 5)
+    assert await reply(OpenAICompatibleLLM(base_url, model="ok"), QUESTION) == "Hello there, friend!"
+    await llm.aclose()
+
+
+async def test_openai_http_error_carries_server_text(openai_server: tuple[FakeOpenAIServer, str]) -> None:
+    _, base_url = openai_server
+    llm = OpenAICompatibleLLM(base_url, model="broken")
+    with pytest.raises(LLMError, match=r"HTTP 500.*CUDA out of memory"):
+        await reply(llm, QUESTION)
+    await llm.aclose()
+
+
+async def test_openai_timeout(openai_server: tuple[FakeOpenAIServer, str]) -> None:
+    _, base_url = openai_server
+    llm = OpenAICompatibleLLM(base_url, model="slow", timeout_s=0.2)
+    with pytest.raises(LLMError, match=r"did not answer within 0\.2 s"):
+        await reply(llm, QUESTION)
+    await llm.aclose()
+
+
+async def test_openai_dead_server_fails_fast_and_clearly() -> None:
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    llm = OpenAICompatibleLLM(url, timeout_s=10)
+    started = time.perf_counter()
+    with pytest.raises(
+        LLMError, match=r"LLM server at http://127\.0\.0\.1:\d+/v1/chat/completions is unreachable: connection refused"
+    ):
+        await reply(llm, QUESTION)
+    assert time.perf_counter() - started < 2
+    await llm.aclose()
+
+
+# --- transformers, with a tiny random-weight Llama built here -------------
+
+has_transformers = (
+    importlib.util.find_spec("torch") is not None and importlib.util.find_spec("transformers") is not None
+)
+needs_transformers = pytest.mark.skipif(not has_transformers, reason="torch and transformers are not installed")
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|> {{ message['role'] }} {{ message['content'] }} <|im_end|> "
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight Llama and a word-level tokenizer with a chat template, saved like a hub model."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    special = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    corpus = [
+        "system user assistant what is two plus two four the knight met a dragon near the castle",
+        "you are a helpful assistant answer briefly write a very long story about brave and",
+    ]
+    tokenizer.train_from_iterator(corpus, trainers.WordLevelTrainer(special_tokens=special))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=tokenizer.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=fast.pad_token_id,
+        eos_token_id=fast.eos_token_id,
+        bos_token_id=None,
+    )
+    model = LlamaForCausalLM(config)
+    # Only words: the reply never ends early (so it can be interrupted) and is never all special tokens.
+    model.generation_config.suppress_tokens = fast.convert_tokens_to_ids(special)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+async def tiny_llm(tiny_model_dir: Path) -> AsyncIterator[LLM]:
+    llm = create_llm(
+        Settings(llm={"backend": "transformers", "model_path": tiny_model_dir, "max_tokens": 300, "temperature": 0.0})
+    )
+    yield llm
+    await llm.aclose()
+
+
+@needs_transformers
+async def test_transformers_streams_text(tiny_model_dir: Path) -> None:
+    llm = create_llm(Settings(llm={"backend": "transformers", "model_path": tiny_model_dir, "max_tokens": 12}))
+    assert llm.name == "transformers"
+    deltas = [delta async for delta in llm.stream(QUESTION)]
+    assert len(deltas) > 1
+    assert len("".join(deltas).split()) == 12  # the word-level tokenizer decodes one word per token
+    await llm.aclose()
+
+
+@needs_transformers
+async def test_transformers_stops_when_consumer_leaves(tiny_llm: LLM) -> None:
+    assert await first_delta_after_cancel(tiny_llm) < 2.0
+
+
+@needs_transformers
+async def test_transformers_stops_when_task_cancelled(tiny_llm: LLM) -> None:
+    assert await first_delta_after_task_cancel(tiny_llm) < 2.0
+
+
+@needs_transformers
+def test_transformers_counts_tokens(tiny_llm: LLM) -> None:
+    assert tiny_llm.count_tokens("what is two plus two") == 5
+
+
+@needs_transformers
+async def test_transformers_without_chat_template(tiny_model_dir: Path, tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_model_dir, plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer_config = json.loads((plain / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    llm = create_llm(Settings(llm={"backend": "transformers", "model_path": plain, "max_tokens": 5}))
+    assert await reply(llm, QUESTION)
+    await llm.aclose()
+
+
+def test_transformers_needs_a_model_folder() -> None:
+    with pytest.raises(LLMError, match="model_path"):
+        create_llm(Settings(llm={"backend": "transformers"}))
+
+
+@needs_transformers
+def test_transformers_missing_folder(tmp_path: Path) -> None:
+    with pytest.raises(LLMError, match="does not exist"):
+        create_llm(Settings(llm={"backend": "transformers", "model_path": tmp_path / "nothing"}))

@@ -1,0 +1,111 @@
+"""Dialogue memory: alternation, trimming by turns and by tokens."""
+
+from __future__ import annotations
+
+from avatalk.llm import ChatMessage, DialogueMemory
+
+
+def words(text: str) -> int:
+    """A predictable token counter for budget tests: one token per word."""
+    return len(text.split())
+
+
+def roles(memory: DialogueMemory) -> list[str]:
+    return [message.role for message in memory.messages()]
+
+
+def test_system_prompt_first_then_alternating_turns() -> None:
+    memory = DialogueMemory("be brief", max_turns=8, max_tokens=1000, count_tokens=words)
+    memory.add_user("hello")
+    memory.add_assistant("hi there")
+    memory.add_user("how are you")
+    assert memory.messages() == [
+        ChatMessage("system", "be brief"),
+        ChatMessage("user", "hello"),
+        ChatMessage("assistant", "hi there"),
+        ChatMessage("user", "how are you"),
+    ]
+
+
+def test_empty_assistant_reply_is_dropped_and_next_user_turn_merged() -> None:
+    memory = DialogueMemory("sys", max_turns=8, max_tokens=1000, count_tokens=words)
+    memory.add_user("tell me a story")
+    memory.add_assistant("   ")  # barged in before anything was spoken
+    memory.add_user("actually, a joke")
+    assert memory.messages()[1:] == [ChatMessage("user", "tell me a story actually, a joke")]
+    memory.add_assistant("Why did the chicken cross the road?")
+    memory.add_user("why?")
+    assert roles(memory) == ["system", "user", "assistant", "user"]
+
+
+def test_greeting_before_any_user_message_and_appended_replies() -> None:
+    memory = DialogueMemory("sys", max_turns=8, max_tokens=1000, count_tokens=words)
+    memory.add_assistant("Hello! How can I help?")
+    memory.add_user("what time is it")
+    memory.add_assistant("It is noon.")
+    memory.add_assistant("Anything else?")
+    assert memory.messages()[1:] == [
+        ChatMessage("assistant", "Hello! How can I help?"),
+        ChatMessage("user", "what time is it"),
+        ChatMessage("assistant", "It is noon. Anything else?"),
+    ]
+
+
+def test_empty_user_text_is_ignored() -> None:
+    memory = DialogueMemory("sys", max_turns=8, max_tokens=1000, count_tokens=words)
+    memory.add_user(" \n")
+    assert memory.messages() == [ChatMessage("system", "sys")]
+
+
+def test_max_turns_keeps_the_most_recent_exchanges() -> None:
+    memory = DialogueMemory("sys", max_turns=2, max_tokens=1000, count_tokens=words)
+    for index in range(5):
+        memory.add_user(f"question {index}")
+        memory.add_assistant(f"answer {index}")
+    memory.add_user("latest")
+    contents = [message.content for message in memory.messages()]
+    assert contents == ["sys", "question 3", "answer 3", "question 4", "answer 4", "latest"]
+
+
+def test_zero_turns_still_keeps_the_latest_user_message() -> None:
+    memory = DialogueMemory("sys", max_turns=0, max_tokens=1000, count_tokens=words)
+    memory.add_user("first")
+    memory.add_assistant("reply")
+    memory.add_user("second")
+    assert [message.content for message in memory.messages()] == ["sys", "second"]
+
+
+def test_token_budget_drops_oldest_whole_exchanges() -> None:
+    memory = DialogueMemory("a long system prompt not counted", max_turns=10, max_tokens=10, count_tokens=words)
+    memory.add_user("one two three")  # exchange of 6 tokens
+    memory.add_assistant("four five six")
+    memory.add_user("seven eight")  # exchange of 4 tokens
+    memory.add_assistant("nine ten")
+    memory.add_user("eleven twelve")  # 2 tokens
+    messages = memory.messages()
+    # 2 + 4 fit in 10, adding the oldest 6 would not: it goes as a whole.
+    assert [message.content for message in messages[1:]] == ["seven eight", "nine ten", "eleven twelve"]
+    assert [message.role for message in messages[1:]] == ["user", "assistant", "user"]
+
+
+def test_latest_user_message_kept_even_over_budget() -> None:
+    memory = DialogueMemory("sys", max_turns=4, max_tokens=5, count_tokens=words)
+    memory.add_user("short")
+    memory.add_assistant("ok")
+    memory.add_user("this message alone is far longer than the whole token budget")
+    messages = memory.messages()
+    assert len(messages) == 2
+    assert messages[-1].content.startswith("this message alone")
+
+
+def test_budget_counts_with_the_given_counter() -> None:
+    calls: list[str] = []
+
+    def counting(text: str) -> int:
+        calls.append(text)
+        return 1
+
+    memory = DialogueMemory("sys", max_turns=4, max_tokens=100, count_tokens=counting)
+    memory.add_user("hello")
+    memory.messages()
+    assert calls == ["hello"]

@@ -1,0 +1,299 @@
+"""TTS backends: piper (real voice), espeak-ng (real binary), OpenAI-compatible (fake server)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import struct
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from avatalk.config import Settings
+from avatalk.tts import TTS, EspeakTTS, OpenAICompatibleTTS, PiperTTS, TTSError, WavStreamDecoder, create_tts
+
+
+def wav_bytes(samples: np.ndarray, sample_rate: int, *, channels: int = 1, streaming: bool = False) -> bytes:
+    """A 16-bit PCM WAV; ``streaming`` writes 0xFFFFFFFF sizes like live encoders do."""
+    data = (np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes()
+    riff_size = 0xFFFFFFFF if streaming else 36 + len(data)
+    data_size = 0xFFFFFFFF if streaming else len(data)
+    fmt = struct.pack("<HHIIHH", 1, channels, sample_rate, sample_rate * channels * 2, channels * 2, 16)
+    return (
+        b"RIFF"
+        + struct.pack("<I", riff_size)
+        + b"WAVE"
+        + b"fmt "
+        + struct.pack("<I", len(fmt))
+        + fmt
+        + b"LIST"
+        + struct.pack("<I", 5)
+        + b"INFOx\x00"  # odd-sized chunk with its pad byte
+        + b"data"
+        + struct.pack("<I", data_size)
+        + data
+    )
+
+
+def tone(seconds: float, sample_rate: int) -> np.ndarray:
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    return (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+
+
+async def collect(tts: TTS, text: str) -> np.ndarray:
+    chunks = [chunk async for chunk in tts.synthesize(text)]
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
+
+
+@contextmanager
+def fake_server(app: Starlette) -> Iterator[str]:
+    """Serve ``app`` on a free 127.0.0.1 port in a thread; yields its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(5)
+        sock.close()
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 with nothing listening."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# --- WAV decoding ---------------------------------------------------------
+
+
+def test_wav_decoder_byte_by_byte_with_streaming_header() -> None:
+    samples = tone(0.1, 16000)
+    decoder = WavStreamDecoder()
+    pieces = [decoder.feed(bytes([byte])) for byte in wav_bytes(samples, 16000, streaming=True)]
+    decoder.finish()
+    decoded = np.concatenate(pieces)
+    assert decoder.sample_rate == 16000
+    assert decoded.dtype == np.float32
+    np.testing.assert_allclose(decoded, samples, atol=1e-4)
+
+
+def test_wav_decoder_stereo_is_mixed_to_mono_and_trailing_chunks_ignored() -> None:
+    left = tone(0.05, 8000)
+    stereo = np.stack([left, left], axis=1).reshape(-1)
+    data = wav_bytes(stereo, 8000, channels=2) + b"JUNK" + struct.pack("<I", 4) + b"\x7f\x7f\x7f\x7f"
+    decoder = WavStreamDecoder()
+    decoded = decoder.feed(data)
+    assert decoder.channels == 2
+    np.testing.assert_allclose(decoded, left, atol=1e-4)
+
+
+def test_wav_decoder_float32() -> None:
+    samples = tone(0.02, 24000)
+    fmt = struct.pack("<HHIIHH", 3, 1, 24000, 24000 * 4, 4, 32)
+    data = samples.astype("<f4").tobytes()
+    wav = b"RIFF" + struct.pack("<I", 0) + b"WAVEfmt " + struct.pack("<I", 16) + fmt
+    wav += b"data" + struct.pack("<I", len(data)) + data
+    np.testing.assert_array_equal(WavStreamDecoder().feed(wav), samples)
+
+
+def test_wav_decoder_rejects_non_wav() -> None:
+    with pytest.raises(TTSError, match="not a WAV"):
+        WavStreamDecoder().feed(b"ID3\x03 this is an mp3 file")
+    decoder = WavStreamDecoder()
+    decoder.feed(b"RIFF")
+    with pytest.raises(TTSError, match="not a complete WAV"):
+        decoder.finish()
+
+
+# --- piper ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def piper() -> PiperTTS:
+    tts = create_tts(Settings())
+    assert isinstance(tts, PiperTTS)
+    return tts
+
+
+@pytest.mark.slow
+async def test_piper_speaks_a_short_sentence(piper: PiperTTS) -> None:
+    audio = await collect(piper, "Hello there.")
+    assert piper.sample_rate == 22050
+    assert audio.dtype == np.float32
+    assert 0.4 < len(audio) / piper.sample_rate < 3.0
+    assert np.abs(audio).max() <= 1.0
+    assert float(np.sqrt(np.mean(audio**2))) > 0.02
+
+
+@pytest.mark.slow
+async def test_piper_yields_a_chunk_per_sentence(piper: PiperTTS) -> None:
+    chunks = [chunk async for chunk in piper.synthesize("It is sunny. It will rain later.")]
+    assert len(chunks) == 2
+
+
+@pytest.mark.slow
+async def test_piper_concurrent_use(piper: PiperTTS) -> None:
+    first, second = await asyncio.gather(collect(piper, "One voice."), collect(piper, "Another voice at once."))
+    assert len(first) > 0 and len(second) > len(first)
+
+
+@pytest.mark.slow
+async def test_piper_stops_when_consumer_leaves(piper: PiperTTS) -> None:
+    text = " ".join(f"This is sentence number {index} of a long reply." for index in range(40))
+    stream = piper.synthesize(text)
+    assert isinstance(stream, AsyncIterator)
+    first = await anext(stream)
+    assert first.size > 0
+    started = time.perf_counter()
+    await stream.aclose()
+    audio = await collect(piper, "Still working.")
+    # Synthesising all forty sentences would take seconds; the new call does not wait for them.
+    assert time.perf_counter() - started < 1.5
+    assert audio.size > 0
+
+
+@pytest.mark.slow
+async def test_piper_cancelled_task(piper: PiperTTS) -> None:
+    text = " ".join(f"Sentence {index} keeps the voice busy for a while." for index in range(40))
+    got_first = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in piper.synthesize(text):
+            got_first.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(got_first.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert (await collect(piper, "Fine.")).size > 0
+
+
+@pytest.mark.slow
+async def test_piper_empty_text_yields_nothing(piper: PiperTTS) -> None:
+    assert [chunk async for chunk in piper.synthesize("  ")] == []
+
+
+def test_piper_missing_voice(tmp_path: Path) -> None:
+    with pytest.raises(TTSError, match="does not exist"):
+        PiperTTS(tmp_path / "nope.onnx")
+
+
+# --- espeak-ng ------------------------------------------------------------
+
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+
+
+@needs_espeak
+async def test_espeak_speaks() -> None:
+    tts = create_tts(Settings(tts={"backend": "espeak"}))
+    assert isinstance(tts, EspeakTTS)
+    audio = await collect(tts, "Hello there.")
+    assert tts.sample_rate == 22050
+    assert 0.3 < len(audio) / tts.sample_rate < 3.0
+    assert float(np.sqrt(np.mean(audio**2))) > 0.01
+
+
+@needs_espeak
+async def test_espeak_text_is_not_taken_for_an_option() -> None:
+    audio = await collect(EspeakTTS(), "--help me please")
+    assert audio.size > 0
+
+
+@needs_espeak
+async def test_espeak_cancellation_kills_the_process() -> None:
+    tts = EspeakTTS()
+    stream = tts.synthesize(" ".join(["A long text for espeak to read aloud."] * 50))
+    await anext(stream)
+    started = time.perf_counter()
+    await stream.aclose()
+    assert time.perf_counter() - started < 1.0
+
+
+def test_espeak_missing_binary_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(TTSError, match="espeak-ng is not installed"):
+        EspeakTTS()
+
+
+# --- OpenAI-compatible ----------------------------------------------------
+
+
+def fake_speech_app(requests: list[dict[str, object]]) -> Starlette:
+    """A fake speech server: WAV at 16 kHz in small streamed pieces, or errors on request."""
+
+    async def speech(request: Request) -> Response:
+        body = await request.json()
+        requests.append({"body": body, "authorization": request.headers.get("authorization")})
+        if body["input"] == "fail":
+            return PlainTextResponse("voice model crashed: out of memory", status_code=500)
+        wav = wav_bytes(tone(0.5, 16000), 16000, streaming=True)
+
+        async def pieces() -> AsyncIterator[bytes]:
+            for start in range(0, len(wav), 1001):
+                yield wav[start : start + 1001]
+                await asyncio.sleep(0)
+
+        return StreamingResponse(pieces(), media_type="audio/wav")
+
+    return Starlette(routes=[Route("/v1/audio/speech", speech, methods=["POST"])])
+
+
+async def test_openai_tts_against_fake_server() -> None:
+    requests: list[dict[str, object]] = []
+    with fake_server(fake_speech_app(requests)) as base_url:
+        settings = Settings(
+            tts={"backend": "openai", "base_url": base_url, "api_key": "sk-test", "model": "kokoro"},
+            persona={"voice": "af_bella"},
+        )
+        tts = create_tts(settings)
+        assert isinstance(tts, OpenAICompatibleTTS)
+        assert tts.sample_rate == 24000  # documented default before the first reply
+        chunks = [chunk async for chunk in tts.synthesize("Hello there.")]
+        await tts.aclose()
+    assert tts.sample_rate == 16000
+    assert len(chunks) > 1  # decoded as it streamed
+    np.testing.assert_allclose(np.concatenate(chunks), tone(0.5, 16000), atol=1e-4)
+    assert requests == [
+        {
+            "body": {"model": "kokoro", "input": "Hello there.", "voice": "af_bella", "response_format": "wav"},
+            "authorization": "Bearer sk-test",
+        }
+    ]
+
+
+async def test_openai_tts_http_error_carries_server_text() -> None:
+    with fake_server(fake_speech_app([])) as base_url:
+        tts = OpenAICompatibleTTS(base_url)
+        with pytest.raises(TTSError, match=r"HTTP 500.*out of memory"):
+            await collect(tts, "fail")
+        await tts.aclose()
+
+
+async def test_openai_tts_dead_server() -> None:
+    tts = OpenAICompatibleTTS(f"http://127.0.0.1:{free_port()}/v1", timeout_s=5)
+    started = time.perf_counter()
+    with pytest.raises(TTSError, match="unreachable: connection refused"):
+        await collect(tts, "Hello.")
+    assert time.perf_counter() - started < 2
+    await tts.aclose()
