@@ -9,9 +9,11 @@ from pathlib import Path
 
 import typer
 
+from avatalk.avatars.cli import app as avatar_app
 from avatalk.config import Settings
 
 app = typer.Typer(help="avatalk: a real-time talking-avatar conversation server.", no_args_is_help=True)
+app.add_typer(avatar_app, name="avatar", help="Prepare, list and delete avatars.")
 
 
 def _configure_logging(level: str) -> None:
@@ -53,13 +55,20 @@ def talk(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     greeting: bool = typer.Option(False, help="let the assistant greet first"),
     timeout: float = typer.Option(60.0, help="seconds to wait for the reply"),
+    video_out: Path | None = typer.Option(None, help="also save the reply as an MP4 with the avatar's video"),
+    avatar: str | None = typer.Option(None, help="avatar id for the video (default: the server's default)"),
+    video_size: int | None = typer.Option(None, help="longer side of the video in pixels"),
 ) -> None:
     """Speak a WAV file to a running server at real-time pace and save the spoken reply."""
     from avatalk.client import talk as run_talk
     from avatalk.client import write_wav
 
     try:
-        result = asyncio.run(run_talk(url, wav, greeting=greeting, timeout=timeout))
+        result = asyncio.run(
+            run_talk(
+                url, wav, greeting=greeting, timeout=timeout, video_out=video_out, avatar=avatar, video_size=video_size
+            )
+        )
     except (OSError, ConnectionError, TimeoutError, RuntimeError) as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1)
@@ -70,7 +79,8 @@ def talk(
     else:
         typer.echo(f"you said:  {result.transcript}")
         typer.echo(f"assistant: {result.reply}")
-        typer.echo(f"audio: {result.audio_seconds:.2f} s; latency (ms after end of speech): {result.latency_ms}")
+        typer.echo(f"audio: {result.audio_seconds:.2f} s, {result.frames} frames")
+        typer.echo(f"latency (ms after end of speech): {result.latency_ms}")
 
 
 def main() -> None:

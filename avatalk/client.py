@@ -33,6 +33,13 @@ class ReceivedAudio:
 
 
 @dataclass
+class ReceivedFrame:
+    tick: int
+    received_at: float
+    jpeg: bytes
+
+
+@dataclass
 class TalkResult:
     """What ``talk`` returns and ``avatalk talk --json`` prints."""
 
@@ -41,6 +48,7 @@ class TalkResult:
     audio_seconds: float
     latency_ms: dict[str, float]
     status: str
+    frames: int = 0
     events: list[Event] = field(default_factory=list, repr=False)
     audio: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32), repr=False)
     sample_rate: int = 24000
@@ -52,6 +60,7 @@ class TalkResult:
             "audio_seconds": round(self.audio_seconds, 3),
             "latency_ms": self.latency_ms,
             "status": self.status,
+            "frames": self.frames,
         }
 
 
@@ -83,6 +92,7 @@ class AvatalkClient:
         self.max_size = max_size
         self.events: list[Event] = []
         self.audio: list[ReceivedAudio] = []
+        self.frames: list[ReceivedFrame] = []
         self.input_sample_rate = 16000
         self.output_sample_rate = 24000
         self.closed: asyncio.Event = asyncio.Event()
@@ -117,6 +127,8 @@ class AvatalkClient:
                     kind, tick, _pts, payload = decode_binary(message)
                     if kind is BinaryKind.AUDIO:
                         self.audio.append(ReceivedAudio(tick, now, pcm16_to_float(payload)))
+                    elif kind is BinaryKind.VIDEO:
+                        self.frames.append(ReceivedFrame(tick, now, payload))
                 else:
                     event = json.loads(message)
                     event["_received_at"] = now
@@ -199,6 +211,22 @@ class AvatalkClient:
     def events_of(self, kind: str) -> list[Event]:
         return [event for event in self.events if event["type"] == kind]
 
+    def reply_ticks(self, since: float = 0.0) -> tuple[int, int] | None:
+        """First and last tick (inclusive) of reply audio received after ``since``."""
+        ticks = [chunk.tick for chunk in self.audio if chunk.received_at >= since]
+        return (min(ticks), max(ticks)) if ticks else None
+
+    def timeline(self, first: int, last: int) -> tuple[list[bytes | None], np.ndarray]:
+        """Frames and audio of ticks ``first..last`` on one timeline (missing audio = silence)."""
+        samples_per_tick = self.output_sample_rate // 25
+        audio = np.zeros((last - first + 1) * samples_per_tick, dtype=np.float32)
+        for chunk in self.audio:
+            if first <= chunk.tick <= last:
+                at = (chunk.tick - first) * samples_per_tick
+                audio[at : at + len(chunk.samples)] = chunk.samples[:samples_per_tick]
+        by_tick = {frame.tick: frame.jpeg for frame in self.frames}
+        return [by_tick.get(tick) for tick in range(first, last + 1)], audio
+
     def reply_audio(self, since: float = 0.0) -> np.ndarray:
         """Concatenated reply audio received after ``since`` (monotonic time)."""
         chunks = [chunk.samples for chunk in sorted(self.audio, key=lambda c: c.tick) if chunk.received_at >= since]
@@ -212,12 +240,23 @@ async def talk(
     greeting: bool = False,
     timeout: float = 60.0,
     silence_chunk_ms: int = 20,
+    video_out: Path | None = None,
+    avatar: str | None = None,
+    video_size: int | None = None,
 ) -> TalkResult:
-    """Speak a WAV file to the server at real-time pace and collect the reply to it."""
+    """Speak a WAV file to the server at real-time pace and collect the reply to it.
+
+    With ``video_out`` (or ``avatar``) the session asks for video, and the reply
+    is also saved as an MP4 whose frames and audio come from the same ticks.
+    """
     samples, rate = read_wav(wav_path)
+    video: dict[str, Any] = {}
+    if video_out is not None or avatar is not None:
+        video = {"video": True, "avatar": avatar, "video_size": video_size}
+        video = {key: value for key, value in video.items() if value is not None}
     async with AvatalkClient(url) as client:
         await client.wait_for(lambda e: e["type"] == "session.created")
-        configured = await client.configure(16000, output_sample_rate, greeting=greeting)
+        configured = await client.configure(16000, output_sample_rate, greeting=greeting, **video)
         if configured["type"] == "error":
             raise RuntimeError(f"server refused the session: {configured['message']}")
         if greeting:
@@ -251,13 +290,37 @@ async def talk(
             e["delta"] for e in client.events[mark:] if e["type"] == "response.text.delta" and e["turn_id"] == turn_id
         )
         audio = client.reply_audio(since=created)
+        frame_count = 0
+        ticks = client.reply_ticks(since=created)
+        if video and ticks is not None:
+            jpegs, audio = client.timeline(*ticks)
+            frame_count = sum(1 for jpeg in jpegs if jpeg is not None)
+            if video_out is not None:
+                await asyncio.to_thread(_write_reply_video, video_out, jpegs, audio, output_sample_rate)
         return TalkResult(
             transcript=transcript,
             reply=done.get("text") or reply,
             audio_seconds=len(audio) / output_sample_rate,
             latency_ms=done.get("latency_ms", {}),
             status=done.get("status", ""),
+            frames=frame_count,
             events=list(client.events),
             audio=audio,
             sample_rate=output_sample_rate,
         )
+
+
+def _write_reply_video(path: Path, jpegs: list[bytes | None], audio: np.ndarray, sample_rate: int) -> None:
+    """Decode the received frames (repeating the previous one for a lost tick) and write an MP4."""
+    from avatalk.avatars.video_file import write_mp4
+    from avatalk.streaming.images import decode_jpeg
+
+    def frames() -> Any:
+        previous = None
+        for jpeg in jpegs:
+            if jpeg is not None:
+                previous = decode_jpeg(jpeg)
+            if previous is not None:
+                yield previous
+
+    write_mp4(path, frames(), audio, sample_rate)

@@ -208,3 +208,54 @@ async def test_dead_llm_server_is_an_error_event_not_a_crash(live_server_factory
             assert done["status"] == "failed"
     finally:
         await client.close()
+
+
+async def test_video_session_sends_one_frame_per_audio_tick(server, speech, tmp_path):
+    import av
+
+    from avatalk.streaming.images import decode_jpeg
+
+    question = np.concatenate([np.zeros(8000, np.float32), speech("What is two plus two?")])
+    wav = tmp_path / "question.wav"
+    write_wav(wav, question, 16000)
+    video = tmp_path / "reply.mp4"
+    result = await talk(server.ws_url, wav, timeout=90, video_out=video, video_size=256)
+    assert result.latency_ms["first_frame"] >= result.latency_ms["tts_first_audio"]
+    # 25 frames per second of reply audio: every reply tick carries one frame.
+    reply_ticks = round(result.audio_seconds * 25)
+    assert result.frames == reply_ticks > 10
+    with av.open(str(video)) as container:
+        streams = {stream.type: stream for stream in container.streams}
+        assert set(streams) == {"video", "audio"}
+        assert streams["video"].codec_context.width == 256 or streams["video"].codec_context.height == 256
+        decoded = sum(1 for _ in container.decode(video=0))
+    assert decoded == result.frames
+
+
+async def test_video_frames_follow_the_clock_while_idle(server):
+    from avatalk.streaming.images import decode_jpeg
+
+    client = await open_session(server.ws_url, video=True, video_size=128)
+    try:
+        await asyncio.sleep(1.0)
+        ticks = [frame.tick for frame in client.frames]
+        assert len(ticks) >= 15  # ~25 per second while idle, too
+        assert ticks == list(range(ticks[0], ticks[0] + len(ticks)))
+        image = decode_jpeg(client.frames[-1].jpeg)
+        assert max(image.shape[:2]) == 128 and image.shape[2] == 3
+        assert not client.audio  # idle: pictures but no sound
+    finally:
+        await client.close()
+
+
+async def test_unknown_avatar_is_a_clear_error(server):
+    client = AvatalkClient(server.ws_url)
+    await client.connect()
+    try:
+        await client.wait_for(lambda e: e["type"] == "session.created")
+        error = await client.configure(avatar="nobody-here")
+        assert error["type"] == "error" and error["code"] == "unknown_avatar"
+        error = await client.configure(avatar="../etc")
+        assert error["type"] == "error" and error["code"] == "invalid_session_config"
+    finally:
+        await client.close()

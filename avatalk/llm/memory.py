@@ -31,7 +31,7 @@ class _Exchange:
     assistant: str | None = None
 
     def messages(self) -> list[ChatMessage]:
-        """This exchange as chat messages, missing parts left out."""
+        """The exchange as chat messages, missing parts left out."""
         result: list[ChatMessage] = []
         if self.user is not None:
             result.append(ChatMessage("user", self.user))

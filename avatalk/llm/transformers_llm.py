@@ -55,15 +55,15 @@ class TransformersLLM(LLM):
             raise LLMError(f"transformers model folder {path} does not exist (set llm.model_path)")
         started = time.perf_counter()
         try:
-            self._tokenizer: Any = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+            tokenizer: Any = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
             dtype = torch.float16 if device.startswith("cuda") else torch.float32
-            self._model: Any = transformers.AutoModelForCausalLM.from_pretrained(
-                path, local_files_only=True, dtype=dtype
-            )
-            self._model.to(device)
-            self._model.eval()
+            model: Any = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+            model.to(device)
+            model.eval()
         except Exception as error:  # transformers raises many types for bad folders
             raise LLMError(f"could not load transformers model from {path}: {error}") from error
+        self._tokenizer = tokenizer
+        self._model = model
         self._transformers = transformers
         self._torch = torch
         self._device = device
@@ -181,7 +181,7 @@ def _event_stopping_criteria(transformers: Any, torch: Any, *events: threading.E
     Built at run time because transformers and torch are imported lazily.
     """
 
-    class EventStoppingCriteria(transformers.StoppingCriteria):  # type: ignore[misc, name-defined]
+    class EventStoppingCriteria(transformers.StoppingCriteria):  # type: ignore[misc]
         def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
             stopped = any(event.is_set() for event in events)
             return torch.full((input_ids.shape[0],), stopped, dtype=torch.bool, device=input_ids.device)

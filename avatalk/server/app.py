@@ -12,6 +12,8 @@ from fastapi.responses import JSONResponse
 
 from avatalk import __version__
 from avatalk.config import Settings
+from avatalk.server.avatars_api import router as avatars_router
+from avatalk.server.avatars_api import setup_avatars, shutdown_avatars
 from avatalk.server.sessions import SessionRegistry
 from avatalk.server.websocket import router as websocket_router
 from avatalk.streaming.models import EngineModels
@@ -25,15 +27,17 @@ def create_app(settings: Settings, models: EngineModels | None = None) -> FastAP
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = models is None
-        app.state.models = models
-        if owned:
-            app.state.models = await asyncio.to_thread(EngineModels.load, settings)
-        logger.info("avatalk %s ready on %s:%d", __version__, settings.host, settings.port)
+        await setup_avatars(app, settings)
         try:
+            app.state.models = models
+            if owned:
+                app.state.models = await asyncio.to_thread(EngineModels.load, settings)
+            logger.info("avatalk %s ready on %s:%d", __version__, settings.host, settings.port)
             yield
         finally:
             await app.state.sessions.close_all()
-            if owned:
+            await shutdown_avatars(app)
+            if owned and app.state.models is not None:
                 await app.state.models.aclose()
 
     app = FastAPI(title="avatalk", version=__version__, lifespan=lifespan)
@@ -59,4 +63,5 @@ def create_app(settings: Settings, models: EngineModels | None = None) -> FastAP
         return JSONResponse(body, status_code=200 if ready else 503)
 
     app.include_router(websocket_router)
+    app.include_router(avatars_router)
     return app

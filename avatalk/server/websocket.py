@@ -13,6 +13,7 @@ from starlette.websockets import WebSocketState
 from avatalk.config import Settings
 from avatalk.server.sessions import SessionRegistry
 from avatalk.streaming.audio import float_to_pcm16
+from avatalk.streaming.images import encode_jpeg
 from avatalk.streaming.protocol import (
     AudioCommit,
     BinaryKind,
@@ -36,8 +37,9 @@ CLOSE_MESSAGE_TOO_BIG = 1009
 class WebSocketOutput:
     """Serialises sends from the session's tasks onto one socket; a gone client is not an error."""
 
-    def __init__(self, websocket: WebSocket) -> None:
+    def __init__(self, websocket: WebSocket, jpeg_quality: int = 80) -> None:
         self.websocket = websocket
+        self.jpeg_quality = jpeg_quality
         self._lock = asyncio.Lock()
         self.open = True
 
@@ -59,19 +61,26 @@ class WebSocketOutput:
     async def send_audio(self, tick: int, samples: np.ndarray) -> None:
         await self._send(data=encode_binary(BinaryKind.AUDIO, tick, float_to_pcm16(samples)))
 
+    async def send_frame(self, tick: int, image: np.ndarray) -> None:
+        if not self.open:
+            return
+        jpeg = await asyncio.to_thread(encode_jpeg, image, self.jpeg_quality)
+        await self._send(data=encode_binary(BinaryKind.VIDEO, tick, jpeg))
+
 
 @router.websocket("/v1/ws")
 async def conversation(websocket: WebSocket) -> None:
     settings: Settings = websocket.app.state.settings
     registry: SessionRegistry = websocket.app.state.sessions
     await websocket.accept()
-    output = WebSocketOutput(websocket)
+    output = WebSocketOutput(websocket, settings.avatars.jpeg_quality)
     models = websocket.app.state.models
     if models is None:
         await output.send_event("error", code="not_ready", message="the server is still loading its models")
         await websocket.close(CLOSE_TRY_AGAIN_LATER)
         return
-    session = ConversationSession(uuid.uuid4().hex[:12], models, settings, output)
+    avatars = getattr(websocket.app.state, "avatar_store", None)
+    session = ConversationSession(uuid.uuid4().hex[:12], models, settings, output, avatars)
     if not registry.try_add(session):
         await output.send_event(
             "error",

@@ -7,7 +7,12 @@ so everything a client receives is stamped by tick index and cannot drift.
 
 Reply audio is queued per sentence and cut into tick-sized slices when it is
 released; barge-in simply drops the queue, so the avatar goes silent at the
-next tick.
+next tick. Each segment may carry a 16 kHz copy of its audio for the lip-sync
+renderer; the tick then also carries exactly its 640 renderer samples.
+
+With a ``prepare`` hook (the session's renderer) the clock takes tick k off
+the queue one tick early, lets the hook render its frame, and hands audio and
+frame to the sink together at tick k's due time, so they leave as one unit.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 TICK_S = 0.040
 FPS = 25
+RENDER_SAMPLE_RATE = 16000
+RENDER_SAMPLES_PER_TICK = RENDER_SAMPLE_RATE // FPS
 
 
 @dataclass(slots=True)
@@ -35,6 +42,8 @@ class Tick:
     audio: np.ndarray | None  # float32 slice at the clock's sample rate; None when idle
     turn_id: int | None = None
     spans: list[tuple[int, int]] = field(default_factory=list)  # (segment id, samples of it in this tick)
+    render_audio: np.ndarray | None = None  # the same 40 ms at 16 kHz, for the renderer
+    frame: np.ndarray | None = None  # RGB frame, filled by the prepare hook
 
 
 @dataclass(slots=True)
@@ -42,13 +51,14 @@ class _Segment:
     segment_id: int
     turn_id: int
     samples: np.ndarray
+    render_samples: np.ndarray | None = None
     offset: int = 0
 
 
 class MediaClock:
     """Releases one tick every 40 ms to a sink, taking reply audio from a bounded queue."""
 
-    def __init__(self, sample_rate: int, max_queued_s: float = 60.0) -> None:
+    def __init__(self, sample_rate: int, max_queued_s: float = 60.0, lead_s: float = TICK_S) -> None:
         if sample_rate % FPS:
             raise ValueError(f"output sample rate {sample_rate} is not a multiple of {FPS} Hz")
         self.sample_rate = sample_rate
@@ -59,6 +69,7 @@ class MediaClock:
         self._space_freed = asyncio.Event()
         self._next_segment_id = 0
         self.index = 0
+        self.lead_s = lead_s
         self.started_at: float | None = None
 
     @property
@@ -70,14 +81,17 @@ class MediaClock:
         """True while reply audio is waiting to be played."""
         return bool(self._segments)
 
-    async def enqueue(self, turn_id: int, samples: np.ndarray) -> int:
-        """Queue one segment of reply audio, waiting while the queue is full; returns its id."""
+    async def enqueue(self, turn_id: int, samples: np.ndarray, render_samples: np.ndarray | None = None) -> int:
+        """Queue one segment of reply audio, waiting while the queue is full; returns its id.
+
+        ``render_samples`` is the same audio at 16 kHz, for the renderer.
+        """
         while self._queued_samples and self._queued_samples + len(samples) > self.max_queued_samples:
             self._space_freed.clear()
             await self._space_freed.wait()
         segment_id = self._next_segment_id
         self._next_segment_id += 1
-        self._segments.append(_Segment(segment_id, turn_id, samples.astype(np.float32, copy=False)))
+        self._segments.append(_Segment(segment_id, turn_id, samples.astype(np.float32, copy=False), render_samples))
         self._queued_samples += len(samples)
         return segment_id
 
@@ -102,6 +116,7 @@ class MediaClock:
         if not self._segments:
             return Tick(index, None)
         out = np.zeros(self.samples_per_tick, dtype=np.float32)
+        render_out = np.zeros(RENDER_SAMPLES_PER_TICK, dtype=np.float32)
         filled = 0
         turn_id = self._segments[0].turn_id
         spans: list[tuple[int, int]] = []
@@ -110,6 +125,14 @@ class MediaClock:
             segment = self._segments[0]
             take = min(self.samples_per_tick - filled, len(segment.samples) - segment.offset)
             out[filled : filled + take] = segment.samples[segment.offset : segment.offset + take]
+            if segment.render_samples is not None:
+                # Same span of time in the 16 kHz copy (lengths may differ by rounding).
+                scale = len(segment.render_samples) / len(segment.samples)
+                start, end = round(segment.offset * scale), round((segment.offset + take) * scale)
+                piece = segment.render_samples[start:end]
+                at = round(filled * RENDER_SAMPLES_PER_TICK / self.samples_per_tick)
+                piece = piece[: RENDER_SAMPLES_PER_TICK - at]
+                render_out[at : at + len(piece)] = piece
             segment.offset += take
             filled += take
             spans.append((segment.segment_id, take))
@@ -117,22 +140,36 @@ class MediaClock:
                 self._segments.popleft()
         self._queued_samples -= filled
         self._space_freed.set()
-        return Tick(index, out, turn_id, spans)
+        return Tick(index, out, turn_id, spans, render_out)
 
-    async def run(self, sink: Callable[[Tick], Awaitable[None]]) -> None:
+    async def run(
+        self,
+        sink: Callable[[Tick], Awaitable[None]],
+        prepare: Callable[[Tick], Awaitable[None]] | None = None,
+    ) -> None:
         """Release ticks at real time until cancelled.
 
-        A slow sink or a stalled loop makes later ticks go out back to back
-        (catching up) rather than being skipped, so audio stays continuous.
+        ``prepare`` (e.g. rendering the frame) runs up to ``lead_s`` before a
+        tick is due. A slow hook or a stalled loop makes later ticks go out
+        back to back (catching up) rather than being skipped, so audio stays
+        continuous.
         """
         self.started_at = time.monotonic()
+        lead = self.lead_s if prepare is not None else 0.0
         while True:
             due = self.started_at + self.index * TICK_S
-            delay = due - time.monotonic()
+            delay = due - lead - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             elif delay < -1.0:
                 # More than a second behind (e.g. the machine was suspended): re-anchor.
                 logger.warning("media clock %.2f s behind; re-anchoring", -delay)
-                self.started_at = time.monotonic() - self.index * TICK_S
-            await sink(self.next_tick())
+                self.started_at = time.monotonic() - self.index * TICK_S + lead
+                due = self.started_at + self.index * TICK_S
+            tick = self.next_tick()
+            if prepare is not None:
+                await prepare(tick)
+                delay = due - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            await sink(tick)

@@ -6,6 +6,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from avatalk.avatars.renderers import Renderer, create_renderer
 from avatalk.config import Settings
 from avatalk.llm import LLM, create_llm
 from avatalk.streaming.asr import WhisperASR
@@ -17,12 +18,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EngineModels:
-    """VAD, ASR, LLM and TTS: each thread-safe or internally serialised."""
+    """VAD, ASR, LLM, TTS and the lip-sync renderer: each thread-safe or internally serialised."""
 
     vad: SileroVAD
     asr: WhisperASR
     llm: LLM
     tts: TTS
+    renderer: Renderer | None = None
 
     @classmethod
     def load(cls, settings: Settings) -> EngineModels:
@@ -33,6 +35,7 @@ class EngineModels:
             asr=WhisperASR(settings.asr_model_path(), settings.asr),
             llm=create_llm(settings),
             tts=create_tts(settings),
+            renderer=create_renderer(settings.avatars.renderer),
         )
         logger.info("models loaded in %.1f s", time.perf_counter() - started)
         return models

@@ -22,6 +22,8 @@ from typing import Protocol
 
 import numpy as np
 
+from avatalk.avatars.renderers.base import RENDER_SAMPLE_RATE, RendererSession
+from avatalk.avatars.store import AvatarNotFound, AvatarStore, InvalidAvatarId
 from avatalk.config import Settings
 from avatalk.llm import LLMError
 from avatalk.llm.memory import DialogueMemory
@@ -37,15 +39,16 @@ from avatalk.tts import TTSError
 logger = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT_SAMPLE_RATE = 24000
-LATENCY_MARKS = ("asr_final", "llm_first_token", "first_sentence", "tts_first_audio", "first_audio")
 
 
 class SessionOutput(Protocol):
-    """Where a session's events and audio go (WebSocket today, WebRTC later)."""
+    """Where a session's events, audio and video go (WebSocket, WebRTC)."""
 
     async def send_event(self, kind: str, **fields: object) -> None: ...
 
     async def send_audio(self, tick: int, samples: np.ndarray) -> None: ...
+
+    async def send_frame(self, tick: int, image: np.ndarray) -> None: ...
 
 
 @dataclass
@@ -90,8 +93,20 @@ class _Response:
 class ConversationSession:
     """A spoken conversation with one client."""
 
-    def __init__(self, session_id: str, models: EngineModels, settings: Settings, output: SessionOutput) -> None:
+    def __init__(
+        self,
+        session_id: str,
+        models: EngineModels,
+        settings: Settings,
+        output: SessionOutput,
+        avatars: AvatarStore | None = None,
+    ) -> None:
         self.id = session_id
+        self.avatars = avatars
+        self.avatar_id: str | None = None
+        self.video_size: int | None = None
+        self._renderer: RendererSession | None = None
+        self._renderer_reset = False
         self.models = models
         self.settings = settings
         self.output = output
@@ -130,6 +145,9 @@ class ConversationSession:
             "id": self.id,
             "input_sample_rate": self.input_sample_rate,
             "output_sample_rate": self.output_sample_rate,
+            "video": self._renderer is not None,
+            "avatar": self.avatar_id,
+            "video_size": list(self._renderer.output_shape[::-1]) if self._renderer else None,
             "persona": self.persona.model_dump(),
             "turn_detection": self.settings.turns.model_dump(),
         }
@@ -142,10 +160,13 @@ class ConversationSession:
             output_rate = check_sample_rate(
                 options.output_sample_rate or DEFAULT_OUTPUT_SAMPLE_RATE, "output_sample_rate"
             )
+            if options.video or options.avatar is not None:
+                await self._open_video(options.avatar, options.video_size)
         else:
-            for name in ("input_sample_rate", "output_sample_rate"):
+            for name in ("input_sample_rate", "output_sample_rate", "avatar", "video", "video_size"):
                 value = getattr(options, name)
-                if value is not None and value != getattr(self, name):
+                current = self._renderer is not None if name == "video" else getattr(self, name)
+                if value is not None and value != current:
                     raise ProtocolError("invalid_session_config", f"{name} cannot change once the session started")
         if options.persona is not None:
             self._apply_persona(options.persona)
@@ -155,7 +176,8 @@ class ConversationSession:
             self._resampler = StreamResampler(input_rate, ENGINE_SAMPLE_RATE)
             self.clock = MediaClock(output_rate)
             self._spawn(self._input_loop(), "input")
-            self._spawn(self.clock.run(self._on_tick), "clock")
+            prepare = self._render_tick if self._renderer is not None else None
+            self._spawn(self.clock.run(self._on_tick, prepare), "clock")
         await self.output.send_event("session.updated", session=self.describe())
         if first:
             await self._set_state("listening")
@@ -203,7 +225,8 @@ class ConversationSession:
         self._response = None
         response.interrupted_at = time.monotonic()
         assert self.clock is not None
-        self.clock.clear(response.turn_id)  # silence from the next tick on
+        self.clock.clear(response.turn_id)  # silence (and a closed mouth) from the next tick on
+        self._renderer_reset = True
         if response.task is not None and not response.task.done():
             response.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -233,6 +256,39 @@ class ConversationSession:
         self._asr.reset()
 
     # ---- internals ----------------------------------------------------------------------------
+
+    async def _open_video(self, avatar_id: str | None, size: int | None) -> None:
+        """Load the avatar and open a renderer session (blocking work in a thread)."""
+        if self.avatars is None or self.models.renderer is None:
+            raise ProtocolError("video_unavailable", "this server has no avatars or renderer configured")
+        avatar_id = avatar_id or self.settings.avatars.default_avatar
+        size = size or self.settings.avatars.output_size
+        if size % 2:
+            raise ProtocolError("invalid_session_config", f"video_size must be even, not {size}")
+        try:
+            avatar = await asyncio.to_thread(self.avatars.load, avatar_id)
+        except InvalidAvatarId as error:
+            raise ProtocolError("invalid_session_config", f"invalid avatar id: {error}")
+        except AvatarNotFound:
+            raise ProtocolError("unknown_avatar", f"there is no avatar {avatar_id!r}; GET /v1/avatars lists them")
+        self._renderer = await asyncio.to_thread(self.models.renderer.open, avatar, size)
+        self.avatar_id = avatar_id
+        self.video_size = size
+
+    async def _render_tick(self, tick: Tick) -> None:
+        """The clock's prepare hook: this tick's frame, rendered in a worker thread."""
+        renderer = self._renderer
+        assert renderer is not None
+        reset, self._renderer_reset = self._renderer_reset, False
+
+        def render() -> np.ndarray:
+            if reset:
+                renderer.reset()
+            if tick.audio is None or tick.render_audio is None:
+                return renderer.idle_frame(tick.index)
+            return renderer.render(tick.index, tick.render_audio)
+
+        tick.frame = await asyncio.to_thread(render)
 
     def _apply_persona(self, persona: PersonaOptions) -> None:
         update = {key: value for key, value in persona.model_dump().items() if value is not None}
@@ -453,17 +509,21 @@ class ConversationSession:
             try:
                 async for chunk in stream:
                     response.mark("tts_first_audio")
-                    pieces.append(resample(chunk, tts.sample_rate, self.output_sample_rate))
+                    pieces.append(chunk)
             finally:
                 await stream.aclose()
             if not pieces:
                 continue
-            samples = np.concatenate(pieces)
-            segment_id = await self.clock.enqueue(response.turn_id, samples)
+            speech = np.concatenate(pieces)
+            samples = resample(speech, tts.sample_rate, self.output_sample_rate)
+            render_samples = resample(speech, tts.sample_rate, RENDER_SAMPLE_RATE) if self._renderer else None
+            segment_id = await self.clock.enqueue(response.turn_id, samples, render_samples)
             response.segments[segment_id] = (sentence, len(samples))
             self._playback_idle.clear()
 
     async def _on_tick(self, tick: Tick) -> None:
+        if tick.frame is not None:
+            await self.output.send_frame(tick.index, tick.frame)
         if tick.audio is None:
             self._playback_idle.set()
             return
@@ -473,6 +533,8 @@ class ConversationSession:
                 response.played[segment_id] = response.played.get(segment_id, 0) + samples
             if "first_audio" not in response.marks:
                 response.mark("first_audio")
+                if tick.frame is not None:
+                    response.mark("first_frame")
                 await self._set_state("speaking")
                 marks = response.marks_ms()
                 logger.info("session %s turn %d latency %s", self.id, response.turn_id, marks)

@@ -1,0 +1,123 @@
+"""The interface every renderer honours (classic on CPU now, MuseTalk on GPU later).
+
+A renderer turns reply audio into lip-synced frames of a prepared avatar, one
+frame per 40 ms tick of the media clock (DESIGN.md sections 3 and 5), so
+audio and mouth are aligned by construction. It is split in two because the
+costs are split in two:
+
+- ``Renderer`` is shared by the whole server. ``open`` precomputes whatever
+  depends only on the avatar and the output size once, caches it (keyed by
+  avatar) and hands out sessions; it is safe to call from several threads.
+- ``RendererSession`` belongs to one conversation and holds what depends on
+  the conversation's audio so far (level tracking, smoothing, audio
+  context). Its methods block for a few milliseconds and are meant to be
+  called from one worker thread at a time per session.
+
+Tick ``k`` always shows the avatar's own frame ``cycle[k % len(cycle)]``,
+whether the avatar is idle or speaking, so switching between ``idle_frame``
+and ``render`` never jumps. Frames are RGB ``uint8`` arrays of shape
+``(*output_shape, 3)``; they may be shared with other sessions and are
+returned read-only.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from avatalk.avatars.store import LoadedAvatar
+
+#: The audio rate renderers consume (Whisper's rate, which MuseTalk needs).
+RENDER_SAMPLE_RATE = 16000
+#: Samples of audio per tick: 40 ms at 16 kHz, one video frame's worth.
+SAMPLES_PER_TICK = 640
+
+
+class RendererUnavailable(NotImplementedError):
+    """The renderer exists in the design but cannot run here (not built yet, or missing weights)."""
+
+
+def output_shape_for(width: int, height: int, output_size: int) -> tuple[int, int]:
+    """``(height, width)`` of a ``width`` x ``height`` frame scaled so its longer side is ``output_size``.
+
+    Both sides are rounded to even numbers because video encoders (H.264 in
+    4:2:0) reject odd sizes; ``output_size`` itself must therefore be even.
+    """
+    if output_size < 2 or output_size % 2:
+        raise ValueError(f"output_size must be a positive even number of pixels, not {output_size}")
+    scale = output_size / max(width, height)
+    out_width = max(2, round(width * scale / 2) * 2)
+    out_height = max(2, round(height * scale / 2) * 2)
+    return out_height, out_width
+
+
+def cycle_frame(avatar: LoadedAvatar, tick: int) -> int:
+    """Index of the avatar frame shown at ``tick``: the ping-pong cycle, repeated forever."""
+    return int(avatar.cycle[tick % len(avatar.cycle)])
+
+
+def check_tick_audio(audio: np.ndarray) -> np.ndarray:
+    """``audio`` as float32, after checking it is exactly one tick (640 samples at 16 kHz).
+
+    A wrong length means the caller's slicing has drifted from the clock,
+    which would silently desynchronise mouth and voice; failing loudly is
+    the only safe answer.
+    """
+    samples = np.asarray(audio, dtype=np.float32)
+    if samples.shape != (SAMPLES_PER_TICK,):
+        raise ValueError(
+            f"render() takes exactly one tick of mono audio: {SAMPLES_PER_TICK} samples at "
+            f"{RENDER_SAMPLE_RATE} Hz, got an array of shape {samples.shape}"
+        )
+    return samples
+
+
+class RendererSession(ABC):
+    """One conversation's view of an avatar: idle frames, speaking frames and audio state.
+
+    Not thread-safe: every method blocks briefly and is called from one
+    worker thread at a time (the session's render stage).
+    """
+
+    @property
+    @abstractmethod
+    def output_shape(self) -> tuple[int, int]:
+        """``(height, width)`` of every frame: the avatar frame scaled to the output size, both even."""
+
+    @abstractmethod
+    def idle_frame(self, tick: int) -> np.ndarray:
+        """The avatar's own frame for ``tick`` (``cycle[tick % len(cycle)]``), mouth as in the source.
+
+        Does not touch the audio state: the clock calls it whenever no reply
+        audio is queued.
+        """
+
+    @abstractmethod
+    def render(self, tick: int, audio: np.ndarray) -> np.ndarray:
+        """The frame for ``tick`` with the mouth driven by ``audio``.
+
+        ``audio`` is exactly this tick's 40 ms of reply audio at 16 kHz
+        (``SAMPLES_PER_TICK`` float32 samples in [-1, 1]). The frame is built
+        on the same cycle frame as ``idle_frame(tick)``, so idle and speaking
+        ticks interleave seamlessly; silence gives the idle frame itself.
+        """
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Forget all audio history (barge-in): the mouth is closed again from the next frame on."""
+
+
+class Renderer(ABC):
+    """A lip-sync method, shared by every session of the server."""
+
+    name: str
+
+    @abstractmethod
+    def open(self, avatar: LoadedAvatar, output_size: int) -> RendererSession:
+        """A new session rendering ``avatar`` with its longer side scaled to ``output_size`` (even).
+
+        Cheap once the avatar has been seen: per-avatar data is computed on
+        the first call for that avatar and size, then cached on the renderer.
+        Safe to call from several threads.
+        """

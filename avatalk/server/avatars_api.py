@@ -1,0 +1,725 @@
+"""REST API for avatars: create (upload or server-side file), list, get, delete, job status.
+
+Creating an avatar takes a while, so ``POST /v1/avatars`` answers 202 with a
+job to poll at ``/v1/jobs/{id}`` (DESIGN.md section 4). Uploads are read as
+a stream and written straight to ``<data_dir>/uploads``: the size limit is
+enforced while receiving (a client cannot make the server buffer more than
+the limit) and the content type is checked on the first bytes, so a wrong
+file is refused before it is fully sent. Requests are checked before any
+job is queued: the id (422), the id being free (409), the size (413) and
+the type (415); what only preparation can find out (no face, an undecodable
+stream) ends in a ``failed`` job whose message says why.
+
+The routes read ``app.state.settings``, ``app.state.avatar_store`` and
+``app.state.jobs`` (a ``JobRunner``), which ``setup_avatars`` creates and
+``shutdown_avatars`` closes in the app's lifespan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import shutil
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import IO, Any
+
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Response, status
+from pydantic import BaseModel, Field
+from python_multipart import MultipartParser
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import parse_options_header
+from starlette.requests import ClientDisconnect
+
+from avatalk.avatars.default_face import ensure_default_avatar
+from avatalk.avatars.jobs import (
+    AVATAR_JOB,
+    AvatarJobHandler,
+    Job,
+    JobConflict,
+    JobNotFound,
+    JobRunner,
+    JobState,
+    JobStore,
+    QueueFull,
+    avatars_root,
+)
+from avatalk.avatars.media import SNIFF_BYTES, MediaType, sniff_file, sniff_media
+from avatalk.avatars.store import (
+    MAX_DISPLAY_NAME,
+    AvatarManifest,
+    AvatarNotFound,
+    AvatarStore,
+    InvalidAvatarId,
+    SourceInfo,
+    validate_avatar_id,
+)
+from avatalk.config import Settings
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["avatars"])
+
+#: Room for the multipart framing and the text fields on top of the file's own limit.
+_FORM_OVERHEAD_BYTES = 64 * 1024
+_MAX_FIELD_BYTES = 4 * 1024
+_TEXT_FIELDS = frozenset({"id", "display_name"})
+_RETRY_AFTER_S = "30"
+
+
+# --- Response and request models --------------------------------------------------
+
+
+class ErrorOut(BaseModel):
+    detail: str = Field(description="what went wrong, for the user")
+
+
+class JobOut(BaseModel):
+    """A background job as clients see it (its server-side parameters stay private)."""
+
+    id: str
+    kind: str = Field(description='"avatar" for avatar preparation')
+    state: JobState
+    stage: str | None = Field(description='current step, e.g. "analysing", "writing", "finishing", "done"')
+    progress: float = Field(ge=0.0, le=1.0, description="overall progress, 0..1")
+    message: str | None = Field(description="outcome or reason of failure, for the user")
+    avatar_id: str | None
+    result: dict[str, Any] | None = Field(description="what a succeeded job produced")
+    created_at: datetime
+    updated_at: datetime
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, job: Job) -> JobOut:
+        return cls(
+            id=job.id,
+            kind=job.kind,
+            state=job.state,
+            stage=job.stage,
+            progress=job.progress,
+            message=job.message,
+            avatar_id=job.avatar_id,
+            result=job.result,
+            created_at=job.created_at,
+            updated_at=job.updated_at,
+            finished_at=job.finished_at,
+        )
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut] = Field(description="newest first")
+
+
+class AvatarJobAccepted(BaseModel):
+    job: JobOut
+    avatar_id: str
+
+
+class AvatarSummary(BaseModel):
+    id: str
+    display_name: str
+    frame_count: int
+    fps: int
+    width: int
+    height: int
+    created_at: datetime
+    source_kind: str = Field(description='"video", "image" or "generated"')
+
+    @classmethod
+    def of(cls, manifest: AvatarManifest) -> AvatarSummary:
+        return cls(
+            id=manifest.id,
+            display_name=manifest.display_name,
+            frame_count=manifest.frame_count,
+            fps=manifest.fps,
+            width=manifest.width,
+            height=manifest.height,
+            created_at=manifest.created_at,
+            source_kind=manifest.source.kind,
+        )
+
+
+class AvatarDetail(AvatarSummary):
+    duration_s: float = Field(description="length of one pass through the frames")
+    missing_faces: int = Field(description="frames whose face was interpolated from their neighbours")
+    default: bool = Field(description="the server's default avatar (cannot be deleted)")
+    source: SourceInfo
+
+
+class AvatarList(BaseModel):
+    avatars: list[AvatarSummary] = Field(description="sorted by id")
+
+
+class FromPathRequest(BaseModel):
+    path: str = Field(description="file under the server's import folder (relative to it, or absolute)")
+    id: str = Field(description="new avatar id: 1-64 of a-z, 0-9, '-', '_', starting with a letter or digit")
+    display_name: str | None = Field(None, description="shown to users; defaults to the id")
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorOut, "description": description}
+    for code, description in {
+        400: "the multipart form is malformed or cut off",
+        403: "the path is outside the import folder, or importing is disabled",
+        404: "not found",
+        409: "the id is taken or the avatar is being prepared",
+        413: "the upload is larger than avatars.max_upload_bytes",
+        415: "not a supported video or photo",
+        422: "invalid id, display name or form",
+        503: "too many jobs are queued; retry later",
+    }.items()
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: _ERRORS[code] for code in codes}
+
+
+# The upload body is parsed by hand (streamed), so FastAPI cannot derive its schema.
+_UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "id"],
+                    "properties": {
+                        "id": {"type": "string", "description": "new avatar id (send it before the file)"},
+                        "display_name": {"type": "string", "description": "defaults to the id"},
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "video (mp4, mov, webm, mkv, avi) or photo (jpeg, png, webp, bmp)",
+                        },
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+# --- Lifespan ----------------------------------------------------------------------
+
+
+def uploads_dir(settings: Settings) -> Path:
+    """Where uploads are received, one folder per upload, until their job has ended.
+
+    Absolute, because the path is stored in the job and must mean the same
+    after a restart from another working directory.
+    """
+    return (settings.data_dir / "uploads").absolute()
+
+
+async def setup_avatars(app: FastAPI, settings: Settings) -> None:
+    """Open the avatar store and the jobs, and start the job workers (call in the lifespan).
+
+    Generates the default avatar on a fresh install, settles the jobs of a
+    previous process (see ``avatalk.avatars.jobs``) and removes uploads that
+    no queued job needs any more.
+    """
+    root = avatars_root(settings)
+    await asyncio.to_thread(ensure_default_avatar, root)
+    app.state.settings = settings
+    app.state.avatar_store = await asyncio.to_thread(AvatarStore, root)
+    store = await asyncio.to_thread(JobStore, settings.data_dir / "jobs.sqlite3")
+    try:
+        await asyncio.to_thread(_remove_orphan_uploads, uploads_dir(settings), store)
+        runner = JobRunner(
+            store, {AVATAR_JOB: AvatarJobHandler(settings)}, workers=settings.avatars.preparation_workers
+        )
+        await runner.start()
+    except BaseException:
+        store.close()
+        raise
+    app.state.jobs = runner
+
+
+async def shutdown_avatars(app: FastAPI) -> None:
+    """Stop the job workers (running jobs are put back in the queue) and close the jobs database."""
+    runner: JobRunner | None = getattr(app.state, "jobs", None)
+    if runner is None:
+        return
+    await runner.stop()
+    runner.store.close()
+    app.state.jobs = None
+
+
+def _remove_orphan_uploads(folder: Path, store: JobStore) -> None:
+    """Delete uploads left by a previous process: cut-off transfers and inputs of jobs that ended."""
+    if not folder.is_dir():
+        return
+    needed = {
+        Path(job.params["cleanup"])
+        for job in store.list(limit=None, states=[JobState.QUEUED])
+        if job.params.get("cleanup")
+    }
+    for entry in folder.iterdir():
+        if entry not in needed:
+            log.info("removing leftover upload %s", entry)
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
+# --- Helpers -------------------------------------------------------------------------
+
+
+def _settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def _avatars(request: Request) -> AvatarStore:
+    store: AvatarStore = request.app.state.avatar_store
+    return store
+
+
+def _jobs(request: Request) -> JobRunner:
+    runner: JobRunner = request.app.state.jobs
+    return runner
+
+
+def _valid_id(avatar_id: str) -> str:
+    try:
+        return validate_avatar_id(avatar_id)
+    except InvalidAvatarId as error:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error)) from None
+
+
+def _display_name(name: str | None, avatar_id: str) -> str:
+    if name is None or name == "":
+        return avatar_id
+    if not name.strip() or len(name) > MAX_DISPLAY_NAME:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, f"the display name must be 1 to {MAX_DISPLAY_NAME} characters"
+        )
+    return name
+
+
+async def _ensure_id_free(request: Request, avatar_id: str) -> None:
+    """409 when the avatar exists or is being prepared (the job store re-checks the latter atomically)."""
+    if await asyncio.to_thread(_avatars(request).exists, avatar_id):
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"an avatar with id {avatar_id!r} already exists; delete it or choose another id"
+        )
+    active = await asyncio.to_thread(_jobs(request).store.active_for_avatar, avatar_id)
+    if active is not None:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"avatar {avatar_id!r} is already being prepared (job {active.id})"
+        )
+
+
+async def _queue_avatar_job(
+    request: Request, response: Response, avatar_id: str, display_name: str, source: Path, cleanup: Path | None
+) -> AvatarJobAccepted:
+    await _ensure_id_free(request, avatar_id)
+    params = {"input": str(source), "display_name": display_name, "cleanup": None if cleanup is None else str(cleanup)}
+    try:
+        job = await _jobs(request).submit(AVATAR_JOB, avatar_id=avatar_id, params=params, exclusive=True)
+    except JobConflict as error:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"avatar {avatar_id!r} is already being prepared (job {error.job_id})"
+        ) from None
+    except QueueFull as error:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE, str(error), headers={"Retry-After": _RETRY_AFTER_S}
+        ) from None
+    response.headers["Location"] = str(request.app.url_path_for("get_job", job_id=job.id))
+    return AvatarJobAccepted(job=JobOut.of(job), avatar_id=avatar_id)
+
+
+def _check_media(media: MediaType | None, declared: str | None, name: str) -> MediaType:
+    """415 unless the content is a supported video or photo and the declared type does not contradict it."""
+    if media is None:
+        raise HTTPException(
+            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+            f"{name} is not a supported video (mp4, mov, webm, mkv, avi) or photo (jpeg, png, webp, bmp)",
+        )
+    family = (declared or "").split("/", 1)[0].strip().lower()
+    if declared and declared.lower() != "application/octet-stream" and family not in ("video", "image"):
+        raise HTTPException(
+            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, f"{name} was sent as {declared}; send a video or a photo"
+        )
+    if family in ("video", "image") and family != media.kind:
+        raise HTTPException(
+            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+            f"{name} was sent as {declared} but its content is a {media.format} {media.kind}",
+        )
+    return media
+
+
+def _safe_filename(name: str | None) -> str:
+    """The client's file name reduced to a harmless base name (kept because the manifest records it)."""
+    base = re.split(r"[\\/]", name or "")[-1]
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", base).lstrip("._")[-100:]
+    return cleaned or "upload"
+
+
+def _too_large(limit: int) -> HTTPException:
+    return HTTPException(
+        status.HTTP_413_CONTENT_TOO_LARGE,
+        f"the upload is larger than the limit of {limit / 1_048_576:.1f} MiB ({limit} bytes, avatars.max_upload_bytes)",
+    )
+
+
+def _unprocessable(detail: str) -> HTTPException:
+    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail)
+
+
+# --- Streaming multipart upload ----------------------------------------------------------
+
+
+class _Upload:
+    """A multipart/form-data body being received: small text fields in memory, the file on disk.
+
+    python-multipart's callbacks are synchronous and run inside
+    ``parser.write``; file data is only collected there and written out by
+    ``flush`` in a worker thread, so the event loop never blocks on disk I/O.
+    Callbacks raise ``HTTPException`` to refuse the upload mid-stream.
+    """
+
+    def __init__(self, folder: Path, max_file_bytes: int) -> None:
+        self.folder = folder
+        self.max_file_bytes = max_file_bytes
+        self.fields: dict[str, str] = {}
+        self.path: Path | None = None
+        self.file_bytes = 0
+        self.media: MediaType | None = None
+        self.complete = False  # the closing boundary arrived
+        self._declared: str | None = None
+        self._head = b""
+        self._pending: list[bytes] = []
+        self._handle: IO[bytes] | None = None
+        self._part: str | None = None  # name of the part being received
+        self._value = bytearray()
+        self._headers: dict[bytes, bytes] = {}
+        self._header_name = b""
+        self._header_value = b""
+
+    def parser(self, boundary: bytes) -> MultipartParser:
+        return MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self._on_part_begin,
+                "on_header_field": self._on_header_field,
+                "on_header_value": self._on_header_value,
+                "on_header_end": self._on_header_end,
+                "on_headers_finished": self._on_headers_finished,
+                "on_part_data": self._on_part_data,
+                "on_part_end": self._on_part_end,
+                "on_end": self._on_end,
+            },
+        )
+
+    def _on_part_begin(self) -> None:
+        self._headers = {}
+        self._part = None
+
+    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_name += data[start:end]
+
+    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _on_header_end(self) -> None:
+        self._headers[self._header_name.lower()] = self._header_value
+        self._header_name = self._header_value = b""
+
+    def _on_headers_finished(self) -> None:
+        _, options = parse_options_header(self._headers.get(b"content-disposition"))
+        name = options.get(b"name", b"").decode("utf-8", "replace")
+        if name == "file":
+            if self.path is not None:
+                raise _unprocessable("send exactly one file in the form field 'file'")
+            filename = options.get(b"filename")
+            self.path = self.folder / _safe_filename(None if filename is None else filename.decode("utf-8", "replace"))
+            declared = self._headers.get(b"content-type")
+            self._declared = None if declared is None else declared.decode("latin-1").split(";")[0].strip()
+        elif name in _TEXT_FIELDS:
+            if name in self.fields:
+                raise _unprocessable(f"the form field {name!r} was sent twice")
+            self._value = bytearray()
+        else:
+            raise _unprocessable(f"unexpected form field {name!r}; send id, display_name and file")
+        self._part = name
+
+    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
+        chunk = data[start:end]
+        if self._part == "file":
+            self.file_bytes += len(chunk)
+            if self.file_bytes > self.max_file_bytes:
+                raise _too_large(self.max_file_bytes)
+            if self.media is None:
+                self._head += chunk[:SNIFF_BYTES]
+                if len(self._head) >= SNIFF_BYTES:
+                    self._sniff()
+            self._pending.append(chunk)
+        else:
+            self._value += chunk
+            if len(self._value) > _MAX_FIELD_BYTES:
+                raise _unprocessable(f"the form field {self._part!r} is too long")
+
+    def _on_part_end(self) -> None:
+        if self._part == "file":
+            if self.file_bytes == 0:
+                raise _unprocessable("the uploaded file is empty")
+            if self.media is None:  # a file shorter than SNIFF_BYTES
+                self._sniff()
+        elif self._part is not None:
+            try:
+                self.fields[self._part] = self._value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise _unprocessable(f"the form field {self._part!r} is not UTF-8 text") from None
+        self._part = None
+
+    def _on_end(self) -> None:
+        self.complete = True
+
+    def _sniff(self) -> None:
+        self.media = _check_media(sniff_media(self._head), self._declared, "the uploaded file")
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    def flush(self) -> None:
+        """Write the file data received so far (blocking: run it in a thread)."""
+        if not self._pending:
+            return
+        if self._handle is None:
+            assert self.path is not None  # data only arrives for a named file part
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._handle = self.path.open("xb")
+        self._handle.writelines(self._pending)
+        self._pending.clear()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+
+
+async def _receive_upload(request: Request, folder: Path, max_file_bytes: int) -> _Upload:
+    """Stream the request's multipart body into ``folder``; raises ``HTTPException`` on a bad request.
+
+    As soon as the ``id`` field has arrived it is checked (422/409), so a
+    client that sends it before the file learns of a problem before sending
+    the whole file.
+    """
+    content_type, options = parse_options_header(request.headers.get("content-type"))
+    boundary = options.get(b"boundary")
+    if content_type != b"multipart/form-data" or not boundary:
+        raise HTTPException(
+            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, "send multipart/form-data with the fields id, display_name and file"
+        )
+    body_limit = max_file_bytes + _FORM_OVERHEAD_BYTES
+    declared_length = request.headers.get("content-length", "")
+    if declared_length.isdigit() and int(declared_length) > body_limit:
+        raise _too_large(max_file_bytes)
+    upload = _Upload(folder, max_file_bytes)
+    parser = upload.parser(boundary)
+    received = 0
+    id_checked = False
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > body_limit:
+                raise _too_large(max_file_bytes)
+            parser.write(chunk)
+            if upload.has_pending:
+                await asyncio.to_thread(upload.flush)
+            if not id_checked and "id" in upload.fields:
+                id_checked = True
+                await _ensure_id_free(request, _valid_id(upload.fields["id"]))
+        parser.finalize()
+    except FormParserError:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "the multipart form is malformed") from None
+    finally:
+        await asyncio.to_thread(upload.close)
+    if not upload.complete:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "the upload ended before the form was complete")
+    if upload.path is None:
+        raise _unprocessable("the form field 'file' with the video or photo is missing")
+    return upload
+
+
+# --- Routes ----------------------------------------------------------------------------
+
+
+@router.post(
+    "/v1/avatars",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=AvatarJobAccepted,
+    responses=_errors(400, 409, 413, 415, 422, 503),
+    openapi_extra=_UPLOAD_BODY,
+    summary="Create an avatar from an uploaded video or photo",
+)
+async def create_avatar(request: Request, response: Response) -> AvatarJobAccepted:
+    """Queue the preparation of an uploaded video or photo; poll the job in the Location header."""
+    settings = _settings(request)
+    folder = uploads_dir(settings) / uuid.uuid4().hex
+    try:
+        upload = await _receive_upload(request, folder, settings.avatars.max_upload_bytes)
+        if "id" not in upload.fields:
+            raise _unprocessable("the form field 'id' is missing")
+        avatar_id = _valid_id(upload.fields["id"])
+        display_name = _display_name(upload.fields.get("display_name"), avatar_id)
+        assert upload.path is not None
+        accepted = await _queue_avatar_job(request, response, avatar_id, display_name, upload.path, folder)
+    except (Exception, asyncio.CancelledError) as error:
+        await asyncio.to_thread(shutil.rmtree, folder, True)
+        if isinstance(error, ClientDisconnect):
+            log.info("client went away during an upload")
+        raise
+    log.info("received a %d-byte upload for avatar %s (job %s)", upload.file_bytes, avatar_id, accepted.job.id)
+    return accepted
+
+
+@router.post(
+    "/v1/avatars/from-path",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=AvatarJobAccepted,
+    responses=_errors(403, 404, 409, 415, 422, 503),
+    summary="Create an avatar from a file in the server's import folder",
+)
+async def create_avatar_from_path(body: FromPathRequest, request: Request, response: Response) -> AvatarJobAccepted:
+    """Queue the preparation of a file already on the server, under ``avatars.import_root`` only."""
+    settings = _settings(request)
+    avatar_id = _valid_id(body.id)
+    display_name = _display_name(body.display_name, avatar_id)
+    root = settings.avatars.import_root
+    if root is None:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            "importing server-side files is disabled; set avatars.import_root (AVATALK_AVATARS__IMPORT_ROOT)",
+        )
+    source = await asyncio.to_thread(_resolve_import, root, body.path)
+    try:
+        media = await asyncio.to_thread(sniff_file, source)
+    except OSError:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"the server cannot read {body.path!r}") from None
+    _check_media(media, None, repr(body.path))
+    return await _queue_avatar_job(request, response, avatar_id, display_name, source, None)
+
+
+def _resolve_import(root: Path, given: str) -> Path:
+    """``given`` inside ``root`` with every symlink and ``..`` resolved, or an HTTP error.
+
+    Containment is checked on the resolved path before existence, so the
+    answer never reveals whether a file outside the import folder exists.
+    """
+    try:
+        base = root.resolve(strict=True)
+    except OSError:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "the server's import folder does not exist") from None
+    try:
+        candidate = (base / given).resolve()
+    except (OSError, ValueError):
+        raise _unprocessable(f"invalid path {given!r}") from None
+    if not candidate.is_relative_to(base):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"{given!r} is outside the server's import folder")
+    if not candidate.is_file():
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no file {given!r} in the server's import folder")
+    return candidate
+
+
+@router.get("/v1/avatars", response_model=AvatarList, summary="List the prepared avatars")
+async def list_avatars(request: Request) -> AvatarList:
+    manifests = await asyncio.to_thread(_avatars(request).list)
+    return AvatarList(avatars=[AvatarSummary.of(manifest) for manifest in manifests])
+
+
+@router.get(
+    "/v1/avatars/{avatar_id}", response_model=AvatarDetail, responses=_errors(404, 422), summary="Get one avatar"
+)
+async def get_avatar(avatar_id: str, request: Request) -> AvatarDetail:
+    avatar_id = _valid_id(avatar_id)
+    try:
+        manifest = await asyncio.to_thread(_avatars(request).get, avatar_id)
+    except AvatarNotFound:
+        active = await asyncio.to_thread(_jobs(request).store.active_for_avatar, avatar_id)
+        if active is not None:
+            raise HTTPException(
+                status.HTTP_404_NOT_FOUND,
+                f"avatar {avatar_id!r} is still being prepared; see /v1/jobs/{active.id}",
+            ) from None
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no avatar {avatar_id!r}") from None
+    except ValueError:
+        raise HTTPException(
+            status.HTTP_500_INTERNAL_SERVER_ERROR,
+            f"avatar {avatar_id!r} has an unreadable manifest; delete it and create it again",
+        ) from None
+    summary = AvatarSummary.of(manifest)
+    return AvatarDetail(
+        **summary.model_dump(),
+        duration_s=manifest.frame_count / manifest.fps,
+        missing_faces=len(manifest.missing_faces),
+        default=manifest.id == _settings(request).avatars.default_avatar,
+        source=manifest.source,
+    )
+
+
+@router.delete(
+    "/v1/avatars/{avatar_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    responses=_errors(404, 409, 422),
+    summary="Delete an avatar (cancelling its preparation if one is under way)",
+)
+async def delete_avatar(avatar_id: str, request: Request) -> Response:
+    """Delete an avatar. A queued or running preparation of it is cancelled first (and
+    whatever it produced is deleted too), so DELETE always leaves the id free. The
+    configured default avatar cannot be deleted: sessions fall back on it."""
+    avatar_id = _valid_id(avatar_id)
+    if avatar_id == _settings(request).avatars.default_avatar:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"{avatar_id!r} is the server's default avatar (avatars.default_avatar)"
+        )
+    runner = _jobs(request)
+    active = await asyncio.to_thread(runner.store.active_for_avatar, avatar_id)
+    if active is not None:
+        await runner.cancel(active.id)
+    try:
+        await asyncio.to_thread(_avatars(request).delete, avatar_id)
+    except AvatarNotFound:
+        if active is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no avatar {avatar_id!r}") from None
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get("/v1/jobs", response_model=JobList, summary="Recent jobs")
+async def list_jobs(
+    request: Request,
+    limit: int = Query(50, ge=1, le=500, description="at most this many, newest first"),
+    avatar_id: str | None = Query(None, description="only the jobs of this avatar"),
+) -> JobList:
+    jobs = await asyncio.to_thread(_jobs(request).store.list, limit=limit, avatar_id=avatar_id)
+    return JobList(jobs=[JobOut.of(job) for job in jobs])
+
+
+@router.get("/v1/jobs/{job_id}", response_model=JobOut, responses=_errors(404), summary="Get a job's status")
+async def get_job(job_id: str, request: Request) -> JobOut:
+    try:
+        return JobOut.of(await asyncio.to_thread(_jobs(request).store.get, job_id))
+    except JobNotFound as error:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
+
+
+@router.post("/v1/jobs/{job_id}/cancel", response_model=JobOut, responses=_errors(404, 409), summary="Cancel a job")
+async def cancel_job(job_id: str, request: Request) -> JobOut:
+    """Cancel a queued or running job and return it once it has stopped. Cancelling a
+    cancelled job is harmless; a job that already succeeded or failed gives 409."""
+    runner = _jobs(request)
+    try:
+        job = await asyncio.to_thread(runner.store.get, job_id)
+        if job.active:
+            job = await runner.cancel(job_id)
+    except JobNotFound as error:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
+    if job.state in (JobState.SUCCEEDED, JobState.FAILED):
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} already ended: {job.state}")
+    return JobOut.of(job)

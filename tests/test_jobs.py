@@ -1,0 +1,270 @@
+import asyncio
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from avatalk.avatars.jobs import (
+    CANCELLED_MESSAGE,
+    MISSING_INPUT_MESSAGE,
+    RESTART_MESSAGE,
+    SHUTDOWN_MESSAGE,
+    JobConflict,
+    JobContext,
+    JobFailed,
+    JobNotFound,
+    JobOutcome,
+    JobRunner,
+    JobState,
+    JobStore,
+    QueueFull,
+    avatar_progress,
+)
+
+
+@pytest.fixture
+def db(tmp_path) -> Path:
+    return tmp_path / "jobs.sqlite3"
+
+
+@pytest.fixture
+def store(db):
+    opened = JobStore(db)
+    yield opened
+    opened.close()
+
+
+# --- JobStore ---------------------------------------------------------------------------
+
+
+def test_create_get_and_list(store):
+    first = store.create("avatar", avatar_id="one", params={"input": None, "display_name": "One"})
+    second = store.create("render", params={"text": "hi", "n": [1, 2]})
+    assert first.state is JobState.QUEUED and first.progress == 0.0 and first.stage is None
+    assert first.created_at == first.updated_at and first.finished_at is None
+    assert store.get(second.id).params == {"text": "hi", "n": [1, 2]}
+    assert [job.id for job in store.list()] == [second.id, first.id]  # newest first
+    assert [job.id for job in store.list(oldest_first=True)] == [first.id, second.id]
+    assert [job.id for job in store.list(kind="avatar")] == [first.id]
+    assert [job.id for job in store.list(avatar_id="one")] == [first.id]
+    assert [job.id for job in store.list(limit=1)] == [second.id]
+    with pytest.raises(JobNotFound, match="no job 'nope'"):
+        store.get("nope")
+
+
+def test_lifecycle_updates(store):
+    job = store.create("avatar", avatar_id="a")
+    running = store.start(job.id)
+    assert running is not None and running.state is JobState.RUNNING
+    assert store.start(job.id) is None  # only a queued job starts
+    store.set_progress(job.id, "analysing", 0.25)
+    assert (store.get(job.id).stage, store.get(job.id).progress) == ("analysing", 0.25)
+    done = store.finish(job.id, JobState.SUCCEEDED, "ready", result={"frames": 25})
+    assert done is not None and done.state is JobState.SUCCEEDED
+    assert (done.stage, done.progress, done.result, done.message) == ("done", 1.0, {"frames": 25}, "ready")
+    assert done.finished_at is not None and done.finished_at >= done.created_at
+    # A finished job does not move any more.
+    store.set_progress(job.id, "analysing", 0.5)
+    assert store.finish(job.id, JobState.FAILED, "late") is None
+    assert store.get(job.id).state is JobState.SUCCEEDED and store.get(job.id).progress == 1.0
+    with pytest.raises(ValueError):
+        store.finish(job.id, JobState.RUNNING, "not final")
+
+
+def test_exclusive_create_refuses_a_second_active_job_for_the_avatar(store):
+    first = store.create("avatar", avatar_id="tutor", exclusive=True)
+    with pytest.raises(JobConflict) as conflict:
+        store.create("avatar", avatar_id="tutor", exclusive=True)
+    assert conflict.value.job_id == first.id and "tutor" in str(conflict.value)
+    assert store.active_for_avatar("tutor").id == first.id
+    store.create("render", avatar_id="tutor", exclusive=True)  # another kind is no conflict
+    store.finish(first.id, JobState.FAILED, "no face")
+    assert store.active_for_avatar("tutor") is None
+    store.create("avatar", avatar_id="tutor", exclusive=True)
+
+
+def test_wal_mode(store, db):
+    with sqlite3.connect(db) as other:
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_restart_fails_running_jobs_and_keeps_the_rest(db, tmp_path):
+    kept_input = tmp_path / "kept.mp4"
+    kept_input.write_bytes(b"video")
+    store = JobStore(db)
+    running = store.create("avatar", avatar_id="running")
+    store.start(running.id)
+    store.set_progress(running.id, "analysing", 0.4)
+    succeeded = store.create("avatar", avatar_id="done")
+    store.start(succeeded.id)
+    succeeded = store.finish(succeeded.id, JobState.SUCCEEDED, "ready", result={"frames": 3})
+    failed = store.create("avatar", avatar_id="bad")
+    store.finish(failed.id, JobState.FAILED, "no face was found")
+    queued = store.create("avatar", avatar_id="queued", params={"input": str(kept_input)})
+    orphan = store.create("avatar", avatar_id="orphan", params={"input": str(tmp_path / "gone.mp4")})
+    store.close()  # as if the process died here
+
+    reopened = JobStore(db)
+    try:
+        interrupted = reopened.get(running.id)
+        assert interrupted.state is JobState.FAILED and interrupted.message == RESTART_MESSAGE
+        assert interrupted.finished_at is not None and interrupted.stage == "analysing"
+        assert reopened.get(succeeded.id) == succeeded  # finished jobs are kept as they were
+        assert reopened.get(failed.id).message == "no face was found"
+        assert reopened.get(queued.id).state is JobState.QUEUED
+        lost = reopened.get(orphan.id)
+        assert lost.state is JobState.FAILED and lost.message == MISSING_INPUT_MESSAGE
+        assert [job.id for job in reopened.list(states=[JobState.QUEUED])] == [queued.id]
+    finally:
+        reopened.close()
+
+
+def test_avatar_progress_spans_the_stages_in_order():
+    values = [avatar_progress(stage, f) for stage in ("analysing", "writing", "finishing") for f in (0, 0.5, 1)]
+    assert values == sorted(values) and values[0] == 0.0 and values[-1] == 1.0
+    assert avatar_progress("done", 0.3) == 1.0
+
+
+# --- JobRunner --------------------------------------------------------------------------
+
+
+class Handlers:
+    """Test handlers: each job's params say what it does."""
+
+    def __init__(self) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.order: list[str] = []
+
+    def __call__(self, context: JobContext) -> JobOutcome:
+        params = context.job.params
+        self.order.append(params.get("name", ""))
+        action = params.get("action", "ok")
+        if action == "block":  # runs until released or cancelled
+            self.started.set()
+            while not self.release.is_set():
+                if context.cancel.wait(0.01):
+                    raise JobFailed("stopped")
+        if action == "steps":
+            for step in range(101):
+                context.progress("working", step / 100)
+        if action == "fail":
+            raise JobFailed("the input has no face")
+        if action == "crash":
+            raise ZeroDivisionError("bug")
+        return JobOutcome(f"done {params.get('name')}", {"name": params.get("name")})
+
+
+@pytest.fixture
+def handlers():
+    made = Handlers()
+    yield made
+    made.release.set()
+
+
+async def started_runner(store: JobStore, handlers: Handlers, **options) -> JobRunner:
+    runner = JobRunner(store, {"test": handlers}, **options)
+    await runner.start()
+    return runner
+
+
+async def test_runner_runs_jobs_in_order_and_records_outcomes(store, handlers, tmp_path):
+    upload = tmp_path / "upload"
+    upload.mkdir()
+    (upload / "clip.mp4").write_bytes(b"x")
+    runner = await started_runner(store, handlers)
+    try:
+        ok = await runner.submit("test", params={"name": "a", "cleanup": str(upload)})
+        failing = await runner.submit("test", params={"name": "b", "action": "fail"})
+        crashing = await runner.submit("test", params={"name": "c", "action": "crash"})
+        ok, failing, crashing = [await runner.wait(job.id, 10) for job in (ok, failing, crashing)]
+    finally:
+        await runner.stop()
+    assert handlers.order == ["a", "b", "c"]
+    assert ok.state is JobState.SUCCEEDED and ok.message == "done a" and ok.result == {"name": "a"}
+    assert not upload.exists()  # the job's files are removed once it has ended
+    assert failing.state is JobState.FAILED and failing.message == "the input has no face"
+    assert crashing.state is JobState.FAILED and "ZeroDivisionError" in crashing.message
+    assert "server log" in crashing.message
+
+
+async def test_progress_is_throttled(store, handlers, monkeypatch):
+    writes: list[tuple[str, float]] = []
+    original = store.set_progress
+
+    def record(job_id: str, stage: str, progress: float) -> None:
+        writes.append((stage, progress))
+        original(job_id, stage, progress)
+
+    monkeypatch.setattr(store, "set_progress", record)
+    runner = await started_runner(store, handlers, progress_interval_s=60.0)
+    try:
+        job = await runner.submit("test", params={"action": "steps"})
+        job = await runner.wait(job.id, 10)
+    finally:
+        await runner.stop()
+    assert job.state is JobState.SUCCEEDED and job.progress == 1.0
+    assert writes == [("working", 0.0)]  # 101 reports, one write within the interval
+
+
+async def test_cancel_queued_and_running_jobs(store, handlers, tmp_path):
+    upload = tmp_path / "queued-upload.mp4"
+    upload.write_bytes(b"x")
+    runner = await started_runner(store, handlers)
+    try:
+        blocking = await runner.submit("test", params={"action": "block"})
+        waiting = await runner.submit("test", params={"name": "never", "cleanup": str(upload)})
+        assert await asyncio.to_thread(handlers.started.wait, 10)
+        cancelled_waiting = await runner.cancel(waiting.id)
+        assert cancelled_waiting.state is JobState.CANCELLED and not upload.exists()
+        cancelled_running = await runner.cancel(blocking.id)
+        assert cancelled_running.state is JobState.CANCELLED and cancelled_running.message == CANCELLED_MESSAGE
+        assert (await runner.cancel(blocking.id)).state is JobState.CANCELLED  # harmless twice
+        after = await runner.submit("test", params={"name": "after"})
+        assert (await runner.wait(after.id, 10)).state is JobState.SUCCEEDED
+    finally:
+        await runner.stop()
+    assert "never" not in handlers.order
+
+
+async def test_queue_is_bounded(store, handlers):
+    runner = await started_runner(store, handlers, max_queued=2)
+    try:
+        await runner.submit("test", params={"action": "block"})
+        assert await asyncio.to_thread(handlers.started.wait, 10)
+        await runner.submit("test")
+        await runner.submit("test")
+        with pytest.raises(QueueFull, match="too many queued jobs"):
+            await runner.submit("test")
+        assert len(store.list()) == 3  # the refused job was never created
+    finally:
+        await runner.stop()
+
+
+async def test_stop_requeues_the_running_job_and_start_resumes_queued_jobs(db, handlers):
+    store = JobStore(db)
+    runner = await started_runner(store, handlers)
+    blocking = await runner.submit("test", params={"name": "first", "action": "block"})
+    waiting = await runner.submit("test", params={"name": "second"})
+    assert await asyncio.to_thread(handlers.started.wait, 10)
+    began = time.monotonic()
+    await runner.stop()
+    assert time.monotonic() - began < 5
+    requeued = store.get(blocking.id)
+    assert requeued.state is JobState.QUEUED and requeued.message == SHUTDOWN_MESSAGE and requeued.progress == 0
+    assert store.get(waiting.id).state is JobState.QUEUED
+    store.close()
+
+    handlers.release.set()
+    handlers.order.clear()
+    reopened = JobStore(db)
+    runner = await started_runner(reopened, handlers)
+    try:
+        results = [await runner.wait(job.id, 10) for job in (blocking, waiting)]
+    finally:
+        await runner.stop()
+        reopened.close()
+    assert [job.state for job in results] == [JobState.SUCCEEDED, JobState.SUCCEEDED]
+    assert handlers.order == ["first", "second"]  # resumed in creation order
