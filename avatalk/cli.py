@@ -83,6 +83,56 @@ def talk(
         typer.echo(f"latency (ms after end of speech): {result.latency_ms}")
 
 
+@app.command()
+def render(
+    avatar: str = typer.Option(..., help="avatar id (see `avatalk avatar list`)"),
+    out: Path = typer.Option(..., "-o", "--out", dir_okay=False, help="the MP4 to write"),
+    text: str | None = typer.Option(None, help="a script for the avatar to speak"),
+    audio: Path | None = typer.Option(None, exists=True, dir_okay=False, help="speech audio to lip-sync instead"),
+    size: int | None = typer.Option(None, help="longer side of the video in pixels (default: settings)"),
+) -> None:
+    """Make a talking-avatar video from a script (spoken by the TTS) or an audio file."""
+    from rich.progress import Progress
+
+    from avatalk.avatars.default_face import ensure_default_avatar
+    from avatalk.avatars.jobs import avatars_root
+    from avatalk.avatars.offline import RenderError, load_audio, render_video, synthesize_script
+    from avatalk.avatars.renderers import create_renderer
+    from avatalk.avatars.store import AvatarNotFound, AvatarStore, InvalidAvatarId
+    from avatalk.tts import TTSError, create_tts
+
+    settings = Settings()
+    if (text is None) == (audio is None):
+        typer.echo("error: give exactly one of --text or --audio", err=True)
+        raise typer.Exit(2)
+    root = avatars_root(settings)
+    if avatar == settings.avatars.default_avatar:
+        ensure_default_avatar(root, avatar)
+    try:
+        loaded = AvatarStore(root).load(avatar)
+        if text is not None:
+            tts = create_tts(settings)
+            speech, rate = asyncio.run(synthesize_script(tts, text))
+        else:
+            assert audio is not None
+            speech, rate = load_audio(audio)
+        with Progress() as bar:
+            task = bar.add_task("rendering", total=1.0)
+            result = render_video(
+                create_renderer(settings.avatars.renderer),
+                loaded,
+                speech,
+                rate,
+                out,
+                size or settings.avatars.output_size,
+                progress=lambda fraction: bar.update(task, completed=fraction),
+            )
+    except (AvatarNotFound, InvalidAvatarId, RenderError, TTSError, ValueError, OSError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"wrote {result.path} ({result.frames} frames, {result.seconds:.1f} s)")
+
+
 def main() -> None:
     app()
 

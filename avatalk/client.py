@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import json
 import time
-import wave
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 import websockets
 
-from avatalk.streaming.audio import float_to_pcm16, pcm16_to_float, resample
+from avatalk.streaming.audio import float_to_pcm16, pcm16_to_float, read_wav, resample, write_wav
 from avatalk.streaming.protocol import BinaryKind, decode_binary
 
 Event = dict[str, Any]
@@ -62,26 +61,6 @@ class TalkResult:
             "status": self.status,
             "frames": self.frames,
         }
-
-
-def read_wav(path: Path) -> tuple[np.ndarray, int]:
-    """Read a PCM16 WAV file as mono float32 (channels are averaged)."""
-    with wave.open(str(path), "rb") as wav:
-        if wav.getsampwidth() != 2:
-            raise ValueError(f"{path}: only 16-bit PCM WAV files are supported")
-        rate, channels = wav.getframerate(), wav.getnchannels()
-        samples = pcm16_to_float(wav.readframes(wav.getnframes()))
-    if channels > 1:
-        samples = samples.reshape(-1, channels).mean(axis=1)
-    return samples, rate
-
-
-def write_wav(path: Path, samples: np.ndarray, sample_rate: int) -> None:
-    with wave.open(str(path), "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(sample_rate)
-        wav.writeframes(float_to_pcm16(samples))
 
 
 class AvatalkClient:

@@ -58,7 +58,8 @@ def photo_avatar(store: AvatarStore, tmp_path_factory: pytest.TempPathFactory) -
 @pytest.fixture(params=["default", "photo"])
 def avatar(request: pytest.FixtureRequest) -> LoadedAvatar:
     name = "default_avatar" if request.param == "default" else "photo_avatar"
-    return request.getfixturevalue(name)
+    loaded: LoadedAvatar = request.getfixturevalue(name)
+    return loaded
 
 
 @pytest.fixture(scope="module")

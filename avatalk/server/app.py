@@ -14,6 +14,7 @@ from avatalk import __version__
 from avatalk.config import Settings
 from avatalk.server.avatars_api import router as avatars_router
 from avatalk.server.avatars_api import setup_avatars, shutdown_avatars
+from avatalk.server.renders_api import router as renders_router
 from avatalk.server.sessions import SessionRegistry
 from avatalk.server.websocket import router as websocket_router
 from avatalk.streaming.models import EngineModels
@@ -64,4 +65,5 @@ def create_app(settings: Settings, models: EngineModels | None = None) -> FastAP
 
     app.include_router(websocket_router)
     app.include_router(avatars_router)
+    app.include_router(renders_router)
     return app

@@ -34,6 +34,7 @@ from python_multipart.multipart import parse_options_header
 from starlette.requests import ClientDisconnect
 
 from avatalk.avatars.default_face import ensure_default_avatar
+from avatalk.avatars.offline import RENDER_JOB, RenderJobHandler
 from avatalk.avatars.jobs import (
     AVATAR_JOB,
     AvatarJobHandler,
@@ -229,7 +230,9 @@ async def setup_avatars(app: FastAPI, settings: Settings) -> None:
     try:
         await asyncio.to_thread(_remove_orphan_uploads, uploads_dir(settings), store)
         runner = JobRunner(
-            store, {AVATAR_JOB: AvatarJobHandler(settings)}, workers=settings.avatars.preparation_workers
+            store,
+            {AVATAR_JOB: AvatarJobHandler(settings), RENDER_JOB: RenderJobHandler(settings, app.state.avatar_store)},
+            workers=settings.avatars.preparation_workers,
         )
         await runner.start()
     except BaseException:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import wave
+from pathlib import Path
+
 import numpy as np
 import soxr
 
@@ -54,3 +57,24 @@ def rms_dbfs(samples: np.ndarray) -> float:
         return float("-inf")
     rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64))))
     return 20.0 * np.log10(rms) if rms > 0 else float("-inf")
+
+
+def read_wav(path: Path) -> tuple[np.ndarray, int]:
+    """Read a PCM16 WAV file as mono float32 (channels are averaged)."""
+    with wave.open(str(path), "rb") as wav:
+        if wav.getsampwidth() != 2:
+            raise ValueError(f"{path}: only 16-bit PCM WAV files are supported")
+        rate, channels = wav.getframerate(), wav.getnchannels()
+        samples = pcm16_to_float(wav.readframes(wav.getnframes()))
+    if channels > 1:
+        samples = samples.reshape(-1, channels).mean(axis=1)
+    return samples, rate
+
+
+def write_wav(path: Path, samples: np.ndarray, sample_rate: int) -> None:
+    """Write mono float32 audio as a PCM16 WAV file."""
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(sample_rate)
+        wav.writeframes(float_to_pcm16(samples))

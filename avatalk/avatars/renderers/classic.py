@@ -167,8 +167,9 @@ def _clip01(value: float) -> float:
 
 def _smoothstep(x: np.ndarray) -> np.ndarray:
     """0 below 0, 1 above 1, smooth (zero slope at both ends) in between: seamless fades."""
-    t = np.clip(x, 0.0, 1.0)
-    return t * t * (3.0 - 2.0 * t)
+    t: np.ndarray = np.clip(x, 0.0, 1.0)
+    eased: np.ndarray = t * t * (3.0 - 2.0 * t)
+    return eased
 
 
 # --- Mouth geometry of one avatar frame ---------------------------------------------
@@ -270,9 +271,10 @@ def _plan_mouth(frame: np.ndarray, points: np.ndarray, box: np.ndarray, mask: np
         return None
     upper_lip = max(seam_mid - float(outer_upper[mid, 1]), 0.1 * face_height)
     lower_lip = max(float(outer_lower[mid, 1]) - seam_mid, 0.1 * face_height)
-    # Keep room for the skin between lips, nose and chin even when landmarks crowd them.
-    nose = min(nose_v, seam_mid - upper_lip - 0.1 * face_height)
-    chin = max(chin_v, seam_mid + lower_lip + 0.3 * face_height)
+    # Keep room for the skin between lips, nose and chin even when landmarks crowd them, so
+    # every fade below spans a positive distance.
+    nose = min(nose_v, seam_mid - 1.3 * upper_lip - 0.1 * face_height)
+    chin = max(chin_v, seam_mid + 1.3 * lower_lip + 0.3 * face_height)
     neck = chin + _NECK_REACH * (chin - seam_mid)
     source_gap = float(inner_lower[mid, 1] - inner_upper[mid, 1])
 
@@ -362,7 +364,7 @@ def _motion_weight(alpha: np.ndarray, points: np.ndarray, fade: float) -> np.nda
     face = np.zeros(alpha.shape, np.uint8)
     cv2.fillPoly(face, [np.round(points[list(mesh.FACE_OVAL)]).astype(np.int32)], 255)
     inside = cv2.distanceTransform(face, cv2.DIST_L2, 3)
-    weight = (np.minimum(alpha * 2.0, 1.0) * _smoothstep(inside / max(fade, 1.0))).astype(np.float32)
+    weight: np.ndarray = (np.minimum(alpha * 2.0, 1.0) * _smoothstep(inside / max(fade, 1.0))).astype(np.float32)
     weight.setflags(write=False)
     return weight
 
@@ -482,7 +484,8 @@ def _draw_mouth(frame: np.ndarray, plan: _MouthPlan, pose: MouthPose) -> np.ndar
 
     source = region.astype(np.float32)
     blended = source + (warped - source) * plan.alpha[..., None]
-    return np.clip(blended + 0.5, 0.0, 255.0).astype(np.uint8)
+    result: np.ndarray = np.clip(blended + 0.5, 0.0, 255.0).astype(np.uint8)
+    return result
 
 
 def _cavity(
@@ -500,7 +503,7 @@ def _cavity(
     from_top = below_seam + rise * lens
     from_bottom = drop * lens - below_seam
     near_edge = np.exp(-np.maximum(np.minimum(from_top, from_bottom), 0.0) / (0.15 * gap_height + 0.5))
-    inside = plan.cavity_rgb * (0.75 + 0.75 * near_edge)[..., None]
+    inside: np.ndarray = plan.cavity_rgb * (0.75 + 0.75 * near_edge)[..., None]
     tongue = np.clip((0.4 * gap_height - from_bottom) / (0.25 * gap_height + 1.0), 0.0, 1.0)
     tongue *= np.clip((gap_height - 0.08 * plan.face_height) / (0.1 * plan.face_height), 0.0, 1.0) * 0.7
     inside += (plan.tongue_rgb - inside) * tongue[..., None]
@@ -564,7 +567,9 @@ class ClassicRenderer(Renderer):
     """Audio-driven mouth warp on the avatar's own frames; CPU only, no model weights.
 
     Per-avatar data (scaled frames, mouth measurements, blend weights) is
-    cached for the ``max_avatars`` most recently opened avatar/size pairs.
+    cached for the ``max_avatars`` most recently opened avatar/size pairs,
+    keyed by the avatar's folder and creation time so that a re-prepared
+    avatar is never served from stale data.
     """
 
     name = "classic"

@@ -1,0 +1,116 @@
+"""Offline renders: CLI and the /v1/renders job API, with the real TTS and classic renderer."""
+
+from __future__ import annotations
+
+import asyncio
+
+import av
+import httpx
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from avatalk.cli import app as cli_app
+from avatalk.streaming.audio import write_wav
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def server(live_server_factory):
+    return live_server_factory()
+
+
+async def wait_job(http: httpx.AsyncClient, job_id: str, timeout: float = 120.0) -> dict:
+    for _ in range(int(timeout / 0.2)):
+        job = (await http.get(f"/v1/jobs/{job_id}")).json()
+        if job["state"] in ("succeeded", "failed", "cancelled"):
+            return job
+        await asyncio.sleep(0.2)
+    raise TimeoutError(job)
+
+
+def probe(path) -> tuple[int, float, bool]:
+    with av.open(str(path)) as container:
+        has_audio = bool(container.streams.audio)
+        frames = sum(1 for _ in container.decode(video=0))
+    return frames, frames / 25, has_audio
+
+
+async def test_render_a_script_over_rest(server, tmp_path):
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as http:
+        accepted = await http.post("/v1/renders", json={"avatar": "ava", "text": "Welcome to the course.", "size": 256})
+        assert accepted.status_code == 202, accepted.text
+        job_id = accepted.json()["job"]["id"]
+        early = await http.get(f"/v1/renders/{job_id}")
+        assert early.status_code in (200, 409)
+        job = await wait_job(http, job_id)
+        assert job["state"] == "succeeded", job
+        assert job["result"]["frames"] > 25
+        video = await http.get(accepted.json()["video_url"])
+        assert video.status_code == 200 and video.headers["content-type"] == "video/mp4"
+        path = tmp_path / "render.mp4"
+        path.write_bytes(video.content)
+        frames, _seconds, has_audio = probe(path)
+        assert frames == job["result"]["frames"] and has_audio
+
+
+async def test_render_from_uploaded_audio_and_bad_audio(server, speech, tmp_path):
+    wav = tmp_path / "speech.wav"
+    write_wav(wav, speech("One, two, three."), 16000)
+    async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as http:
+        accepted = await http.post(
+            "/v1/renders/from-audio", data={"avatar": "ava", "size": "128"}, files={"file": ("speech.wav", wav.read_bytes())}
+        )
+        assert accepted.status_code == 202, accepted.text
+        job = await wait_job(http, accepted.json()["job"]["id"])
+        assert job["state"] == "succeeded", job
+        expected = int(np.ceil(len(speech("One, two, three.")) / 640))
+        assert job["result"]["frames"] == expected
+
+        corrupt = await http.post(
+            "/v1/renders/from-audio", data={"avatar": "ava"}, files={"file": ("x.wav", b"RIFF....garbage" * 10)}
+        )
+        assert corrupt.status_code == 202
+        job = await wait_job(http, corrupt.json()["job"]["id"])
+        assert job["state"] == "failed" and "x" not in (job["result"] or {})
+        assert "audio" in job["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"avatar": "nobody", "text": "hi"}, 404),
+        ({"avatar": "../../etc", "text": "hi"}, 422),
+        ({"avatar": "ava", "text": ""}, 422),
+        ({"avatar": "ava", "text": "hi", "size": 101}, 422),
+        ({"avatar": "ava", "text": "x" * 6000}, 422),
+    ],
+)
+async def test_render_bad_requests(server, body, status):
+    async with httpx.AsyncClient(base_url=server.base_url) as http:
+        response = await http.post("/v1/renders", json=body)
+        assert response.status_code == status, response.text
+        assert response.json()["detail"]
+
+
+async def test_unknown_render_is_404(server):
+    async with httpx.AsyncClient(base_url=server.base_url) as http:
+        assert (await http.get("/v1/renders/nope")).status_code == 404
+
+
+def test_cli_render_from_audio(tmp_path, speech, monkeypatch):
+    monkeypatch.setenv("AVATALK_DATA_DIR", str(tmp_path / "data"))
+    wav = tmp_path / "speech.wav"
+    write_wav(wav, speech("Hello there."), 16000)
+    out = tmp_path / "out.mp4"
+    result = CliRunner().invoke(cli_app, ["render", "--avatar", "ava", "--audio", str(wav), "-o", str(out), "--size", "128"])
+    assert result.exit_code == 0, result.output
+    frames, _seconds, has_audio = probe(out)
+    assert frames == int(np.ceil(len(speech("Hello there.")) / 640)) and has_audio
+
+
+def test_cli_render_needs_exactly_one_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("AVATALK_DATA_DIR", str(tmp_path / "data"))
+    result = CliRunner().invoke(cli_app, ["render", "--avatar", "ava", "-o", str(tmp_path / "o.mp4")])
+    assert result.exit_code == 2 and "exactly one" in result.output
