@@ -5,12 +5,12 @@ Starts `avatalk serve` in a subprocess (or uses --url), speaks recorded utteranc
 concurrent sessions, and prints p50/p95 of:
 
 - end of user speech -> ASR final, LLM first token, TTS first audio, first reply audio
-  sent (server marks), and -> first reply audio received (client clock, from the
-  moment the last speech sample was sent);
+  sent, first lip-synced frame sent with --video (server marks), and -> first reply
+  audio received (client clock, from the moment the last speech sample was sent);
 - barge-in: interruption detected -> last reply audio received, and user speech
   onset -> reply audio stopped.
 
-Usage: python bench/latency.py [--sessions 1] [--turns 5] [--url ws://...]
+Usage: python bench/latency.py [--sessions 1] [--turns 5] [--video] [--url ws://...]
 """
 
 from __future__ import annotations
@@ -73,10 +73,13 @@ async def keep_mic_open(client: AvatalkClient, stop: asyncio.Event) -> None:
         await asyncio.sleep(0.02)
 
 
-async def run_session(url: str, turns: int, audio: dict[str, np.ndarray], results: dict[str, list[float]], index: int) -> None:
+async def run_session(
+    url: str, turns: int, audio: dict[str, np.ndarray], results: dict[str, list[float]], index: int, video: bool
+) -> None:
     async with AvatalkClient(url) as client:
         await client.wait_for(lambda e: e["type"] == "session.created")
-        await client.configure(16000, 24000, greeting=False)
+        options = {"video": True, "video_size": 512} if video else {}
+        await client.configure(16000, 24000, greeting=False, **options)
         for turn in range(turns):
             question = QUESTIONS[(index + turn) % len(QUESTIONS)]
             mark = len(client.events)
@@ -153,11 +156,11 @@ def local_server(port: int):
 async def main_async(args: argparse.Namespace, url: str) -> dict[str, list[float]]:
     audio = synthesise(QUESTIONS + [INTERRUPTION])
     keys = [
-        "asr_final", "llm_first_token", "first_sentence", "tts_first_audio", "first_audio",
+        "asr_final", "llm_first_token", "first_sentence", "tts_first_audio", "first_audio", "first_frame",
         "client_first_audio", "barge_in_to_audio_stopped", "speech_onset_to_audio_stopped", "failed_turns",
     ]
     results: dict[str, list[float]] = {key: [] for key in keys}
-    await asyncio.gather(*(run_session(url, args.turns, audio, results, i) for i in range(args.sessions)))
+    await asyncio.gather(*(run_session(url, args.turns, audio, results, i, args.video) for i in range(args.sessions)))
     return results
 
 
@@ -167,6 +170,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--sessions", type=int, default=1)
     parser.add_argument("--turns", type=int, default=6)
+    parser.add_argument("--video", action="store_true", help="sessions ask for lip-synced video (512 px)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args()
 
@@ -183,7 +187,7 @@ def main() -> None:
     if args.json:
         print(json.dumps(summary, indent=2))
         return
-    print(f"sessions={args.sessions} turns/session={args.turns} cpus={os.cpu_count()}")
+    print(f"sessions={args.sessions} turns/session={args.turns} video={args.video} cpus={os.cpu_count()}")
     print(f"{'metric (ms after end of user speech)':<40} {'n':>4} {'p50':>8} {'p95':>8}")
     for name, figures in summary.items():
         if isinstance(figures, dict):

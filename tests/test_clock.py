@@ -68,3 +68,35 @@ async def test_run_releases_ticks_at_real_time():
 def test_rate_must_be_multiple_of_25():
     with pytest.raises(ValueError):
         MediaClock(22051)
+
+
+async def test_every_frame_is_paired_with_exactly_its_audio():
+    """Audio at 24 kHz and its 16 kHz renderer copy both encode time; each tick must hold its own 40 ms."""
+    clock = MediaClock(24000, lead_s=0.02)
+    seconds = 0.48  # exactly 12 ticks
+    await clock.enqueue(3, np.arange(int(24000 * seconds)) / 24000.0, np.arange(int(16000 * seconds)) / 16000.0)
+    received = []
+
+    async def prepare(tick):
+        # A "renderer" that draws the time its audio says it is.
+        tick.frame = None if tick.render_audio is None else np.array([tick.render_audio.mean()])
+
+    async def sink(tick):
+        received.append(tick)
+
+    task = asyncio.create_task(clock.run(sink, prepare))
+    while len(received) < 15:
+        await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    speaking = [tick for tick in received if tick.audio is not None]
+    assert len(speaking) == round(seconds * 25)
+    for k, tick in enumerate(speaking):
+        assert tick.index == k
+        start, end = k * 0.040, (k + 1) * 0.040
+        assert start <= tick.audio.min() and tick.audio.max() < end
+        assert start <= tick.render_audio.min() and tick.render_audio.max() < end
+        assert len(tick.render_audio) == 640
+        assert start < float(tick.frame[0]) < end
+    assert all(tick.audio is None and tick.frame is None for tick in received[len(speaking) :])
