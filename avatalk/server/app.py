@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 
 from avatalk import __version__
 from avatalk.config import Settings
@@ -66,4 +68,16 @@ def create_app(settings: Settings, models: EngineModels | None = None) -> FastAP
     app.include_router(websocket_router)
     app.include_router(avatars_router)
     app.include_router(renders_router)
+    web_client = Path(__file__).resolve().parent.parent / "web_client"
+
+    @app.get("/", include_in_schema=False)
+    async def call_page() -> FileResponse:
+        """The video-call page (kiosk and embed modes are query options of the same page)."""
+        return FileResponse(web_client / "index.html")
+
+    @app.get("/embed.js", include_in_schema=False)
+    async def embed_script() -> FileResponse:
+        return FileResponse(web_client / "embed.js", media_type="text/javascript")
+
+    app.mount("/static", StaticFiles(directory=web_client), name="static")
     return app

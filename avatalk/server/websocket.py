@@ -14,17 +14,7 @@ from avatalk.config import Settings
 from avatalk.server.sessions import SessionRegistry
 from avatalk.streaming.audio import float_to_pcm16
 from avatalk.streaming.images import encode_jpeg
-from avatalk.streaming.protocol import (
-    AudioCommit,
-    BinaryKind,
-    ProtocolError,
-    ResponseCancel,
-    SessionUpdate,
-    TextInput,
-    encode_binary,
-    encode_event,
-    parse_client_event,
-)
+from avatalk.streaming.protocol import BinaryKind, ProtocolError, encode_binary, encode_event, parse_client_event
 from avatalk.streaming.session import ConversationSession
 
 logger = logging.getLogger(__name__)
@@ -58,14 +48,15 @@ class WebSocketOutput:
     async def send_event(self, kind: str, **fields: object) -> None:
         await self._send(text=encode_event(kind, **fields))
 
-    async def send_audio(self, tick: int, samples: np.ndarray) -> None:
-        await self._send(data=encode_binary(BinaryKind.AUDIO, tick, float_to_pcm16(samples)))
-
-    async def send_frame(self, tick: int, image: np.ndarray) -> None:
+    async def send_tick(self, tick: int, audio: np.ndarray | None, frame: np.ndarray | None) -> None:
+        """The frame first, then its audio: a client has the picture when the sound starts."""
         if not self.open:
             return
-        jpeg = await asyncio.to_thread(encode_jpeg, image, self.jpeg_quality)
-        await self._send(data=encode_binary(BinaryKind.VIDEO, tick, jpeg))
+        if frame is not None:
+            jpeg = await asyncio.to_thread(encode_jpeg, frame, self.jpeg_quality)
+            await self._send(data=encode_binary(BinaryKind.VIDEO, tick, jpeg))
+        if audio is not None:
+            await self._send(data=encode_binary(BinaryKind.AUDIO, tick, float_to_pcm16(audio)))
 
 
 @router.websocket("/v1/ws")
@@ -126,16 +117,7 @@ async def _serve(websocket: WebSocket, session: ConversationSession, output: Web
                         "frame_too_large",
                         f"text frame of {len(text)} characters exceeds the limit of {limits.max_text_frame_bytes} bytes",
                     )
-                event = parse_client_event(text)
-                if isinstance(event, SessionUpdate):
-                    await session.configure(event.session)
-                elif isinstance(event, TextInput):
-                    await session.send_text(event.text)
-                elif isinstance(event, ResponseCancel):
-                    if not await session.interrupt("client_cancel"):
-                        raise ProtocolError("no_response", "there is no response to cancel")
-                elif isinstance(event, AudioCommit):
-                    await session.commit_audio()
+                await session.handle_event(parse_client_event(text))
         except ProtocolError as error:
             await output.send_event("error", code=error.code, message=error.message)
         if not output.open:

@@ -32,7 +32,17 @@ from avatalk.streaming.asr import TurnTranscriber, ends_sentence
 from avatalk.streaming.audio import ENGINE_SAMPLE_RATE, StreamResampler, pcm16_to_float, resample
 from avatalk.streaming.clock import MediaClock, Tick
 from avatalk.streaming.models import EngineModels
-from avatalk.streaming.protocol import PersonaOptions, ProtocolError, SessionOptions, check_sample_rate
+from avatalk.streaming.protocol import (
+    AudioCommit,
+    ClientEvent,
+    PersonaOptions,
+    ProtocolError,
+    ResponseCancel,
+    SessionOptions,
+    SessionUpdate,
+    TextInput,
+    check_sample_rate,
+)
 from avatalk.streaming.turns import TurnDetector, TurnEvent, TurnEventKind
 from avatalk.tts import TTSError
 
@@ -46,9 +56,9 @@ class SessionOutput(Protocol):
 
     async def send_event(self, kind: str, **fields: object) -> None: ...
 
-    async def send_audio(self, tick: int, samples: np.ndarray) -> None: ...
-
-    async def send_frame(self, tick: int, image: np.ndarray) -> None: ...
+    async def send_tick(self, tick: int, audio: np.ndarray | None, frame: np.ndarray | None) -> None:
+        """One 40 ms tick: its reply audio (None when silent) and its frame (None without video)."""
+        ...
 
 
 @dataclass
@@ -181,9 +191,25 @@ class ConversationSession:
         await self.output.send_event("session.updated", session=self.describe())
         if first:
             await self._set_state("listening")
-            greet = options.greeting if options.greeting is not None else True
-            if greet and self.persona.greeting.strip():
-                self._start_response(text=None, started_at=time.monotonic(), fixed_reply=self.persona.greeting)
+            if options.greeting if options.greeting is not None else True:
+                self.greet()
+
+    def greet(self) -> None:
+        """Speak the persona's greeting (a no-op when it is empty)."""
+        if self.configured and self.persona.greeting.strip():
+            self._start_response(text=None, started_at=time.monotonic(), fixed_reply=self.persona.greeting)
+
+    async def handle_event(self, event: ClientEvent) -> None:
+        """Act on one decoded client event (any transport); raises ProtocolError."""
+        if isinstance(event, SessionUpdate):
+            await self.configure(event.session)
+        elif isinstance(event, TextInput):
+            await self.send_text(event.text)
+        elif isinstance(event, ResponseCancel):
+            if not await self.interrupt("client_cancel"):
+                raise ProtocolError("no_response", "there is no response to cancel")
+        elif isinstance(event, AudioCommit):
+            await self.commit_audio()
 
     async def push_audio(self, data: bytes) -> None:
         """Queue one binary frame of client audio (waits when the session is behind)."""
@@ -522,21 +548,20 @@ class ConversationSession:
             self._playback_idle.clear()
 
     async def _on_tick(self, tick: Tick) -> None:
-        if tick.frame is not None:
-            await self.output.send_frame(tick.index, tick.frame)
+        """The clock's sink: book-keeping and latency marks, then the tick's media goes out."""
         if tick.audio is None:
             self._playback_idle.set()
-            return
-        response = self._response
-        if response is not None and response.turn_id == tick.turn_id:
-            for segment_id, samples in tick.spans:
-                response.played[segment_id] = response.played.get(segment_id, 0) + samples
-            if "first_audio" not in response.marks:
-                response.mark("first_audio")
-                if tick.frame is not None:
-                    response.mark("first_frame")
-                await self._set_state("speaking")
-                marks = response.marks_ms()
-                logger.info("session %s turn %d latency %s", self.id, response.turn_id, marks)
-                await self.output.send_event("latency", turn_id=response.turn_id, marks_ms=marks)
-        await self.output.send_audio(tick.index, tick.audio)
+        else:
+            response = self._response
+            if response is not None and response.turn_id == tick.turn_id:
+                for segment_id, samples in tick.spans:
+                    response.played[segment_id] = response.played.get(segment_id, 0) + samples
+                if "first_audio" not in response.marks:
+                    response.mark("first_audio")
+                    if tick.frame is not None:
+                        response.mark("first_frame")
+                    await self._set_state("speaking")
+                    marks = response.marks_ms()
+                    logger.info("session %s turn %d latency %s", self.id, response.turn_id, marks)
+                    await self.output.send_event("latency", turn_id=response.turn_id, marks_ms=marks)
+        await self.output.send_tick(tick.index, tick.audio, tick.frame)
