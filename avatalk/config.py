@@ -127,6 +127,29 @@ class AvatarSettings(BaseModel):
     jpeg_quality: int = Field(80, ge=10, le=100)
 
 
+class IceServer(BaseModel):
+    """A STUN or TURN server handed to both peers."""
+
+    urls: list[str] = Field(description='e.g. ["stun:stun.example.org:3478"] or ["turn:turn.example.org:3478?transport=udp"]')
+    username: str | None = None
+    credential: str | None = None
+
+
+class WebRTCSettings(BaseModel):
+    ice_servers: list[IceServer] = Field(
+        default_factory=list,
+        description="STUN/TURN servers; none by default (aiortc's public STUN default is never used)",
+    )
+    host_addresses: list[str] = Field(
+        default_factory=list,
+        description="addresses offered as host candidates (a public IP behind NAT; 127.0.0.1 for loopback-only); "
+        "empty = the machine's interface addresses",
+    )
+    input_sample_rate: int = Field(48000, description="rate the decoded microphone audio is handed to the engine at")
+    output_sample_rate: int = Field(48000, description="rate of the reply audio track (Opus runs at 48 kHz)")
+    connect_timeout_s: float = Field(30.0, gt=0, description="a call not connected by then is hung up")
+
+
 class Settings(BaseSettings):
     """Everything avatalk can be told; see README "Configuration"."""
 
@@ -150,6 +173,7 @@ class Settings(BaseSettings):
     persona: PersonaSettings = PersonaSettings()
     limits: LimitSettings = LimitSettings()
     avatars: AvatarSettings = AvatarSettings()
+    webrtc: WebRTCSettings = WebRTCSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -18,8 +18,11 @@ from avatalk.server.avatars_api import router as avatars_router
 from avatalk.server.avatars_api import setup_avatars, shutdown_avatars
 from avatalk.server.renders_api import router as renders_router
 from avatalk.server.sessions import SessionRegistry
+from avatalk.server.webrtc_api import close_all_calls
+from avatalk.server.webrtc_api import router as webrtc_router
 from avatalk.server.websocket import router as websocket_router
 from avatalk.streaming.models import EngineModels
+from avatalk.streaming.webrtc import set_host_addresses
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +33,7 @@ def create_app(settings: Settings, models: EngineModels | None = None) -> FastAP
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = models is None
+        set_host_addresses(settings.webrtc.host_addresses)
         await setup_avatars(app, settings)
         try:
             app.state.models = models
@@ -38,6 +42,7 @@ def create_app(settings: Settings, models: EngineModels | None = None) -> FastAP
             logger.info("avatalk %s ready on %s:%d", __version__, settings.host, settings.port)
             yield
         finally:
+            await close_all_calls(app.state.webrtc_calls)
             await app.state.sessions.close_all()
             await shutdown_avatars(app)
             if owned and app.state.models is not None:
@@ -47,6 +52,7 @@ def create_app(settings: Settings, models: EngineModels | None = None) -> FastAP
     app.state.settings = settings
     app.state.models = None
     app.state.sessions = SessionRegistry(settings.limits.max_sessions)
+    app.state.webrtc_calls = {}
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
@@ -68,6 +74,7 @@ def create_app(settings: Settings, models: EngineModels | None = None) -> FastAP
     app.include_router(websocket_router)
     app.include_router(avatars_router)
     app.include_router(renders_router)
+    app.include_router(webrtc_router)
     web_client = Path(__file__).resolve().parent.parent / "web_client"
 
     @app.get("/", include_in_schema=False)
