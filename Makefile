@@ -10,7 +10,7 @@ LLAMA_CPP_VERSION := 0.3.36
 LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 WHEELHOUSE ?= $(HOME)/.cache/avatalk/wheels-avx2
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench browser clean
 
 setup: $(STAMP)
 
@@ -30,7 +30,13 @@ $(STAMP): pyproject.toml Makefile
 run: setup
 	$(BIN)/avatalk serve
 
-test: setup
+# Debian's Chromium for the browser tests; without root or apt they are skipped with the reason.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } || \
+		echo "chromium could not be installed: browser tests will be skipped"
+
+test: setup browser
 	$(BIN)/python -m pytest -q -ra
 
 bench: setup
