@@ -13,6 +13,7 @@ import asyncio
 import logging
 import re
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,9 @@ class WhisperASR:
         """Transcribe 16 kHz float32 audio. Blocking: call from a worker thread."""
         if len(audio) < SAMPLE_RATE // 10:
             return ""
+        waited = time.perf_counter()
         with self._lock:
+            started = time.perf_counter()
             segments, _info = self.model.transcribe(
                 audio.astype(np.float32, copy=False),
                 language=self.settings.language or None,
@@ -65,6 +68,12 @@ class WhisperASR:
                 temperature=0.0,
             )
             text = " ".join(segment.text.strip() for segment in segments)
+        logger.debug(
+            "transcribed %.2f s of audio in %.0f ms (waited %.0f ms)",
+            len(audio) / SAMPLE_RATE,
+            (time.perf_counter() - started) * 1000,
+            (started - waited) * 1000,
+        )
         return text.strip()
 
 

@@ -356,7 +356,8 @@ class ConversationSession:
         """Barge-in and partial transcripts while the user talks."""
         if self._response is not None and self._turns.speech_ms >= self.settings.turns.barge_in_ms:
             await self.interrupt("barge_in")
-        if self._asr.partial_due(self._turns.utterance_samples):
+        # No partials during a pause: the pause's own early pass must get the recogniser at once.
+        if self._turns.silence_ms == 0 and self._asr.partial_due(self._turns.utterance_samples):
             self._spawn(self._partial(self._turns.utterance()), "asr-partial")
 
     async def _partial(self, audio: np.ndarray) -> None:
