@@ -29,6 +29,7 @@ def serve(
     import uvicorn
 
     from avatalk.server.app import create_app
+    from avatalk.server.auth import check_exposure
 
     settings = Settings()
     if host is not None:
@@ -36,6 +37,11 @@ def serve(
     if port is not None:
         settings.port = port
     _configure_logging(settings.log_level)
+    try:
+        check_exposure(settings)
+    except RuntimeError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -131,6 +137,14 @@ def render(
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1)
     typer.echo(f"wrote {result.path} ({result.frames} frames, {result.seconds:.1f} s)")
+
+
+@app.command("hash-key")
+def hash_key_command(key: str = typer.Argument(..., help="the API key to hash")) -> None:
+    """Print the SHA-256 to put in auth.api_keys (the key itself is never stored)."""
+    from avatalk.server.auth import hash_key
+
+    typer.echo(hash_key(key))
 
 
 def main() -> None:

@@ -114,6 +114,9 @@ class LimitSettings(BaseModel):
     max_ws_message_bytes: int = Field(4 * 1024 * 1024, ge=64 * 1024, description="hard cap; larger closes the socket")
     max_text_input_chars: int = Field(2000, ge=1)
     queue_chunks: int = Field(64, ge=4, description="bound of every inter-stage queue")
+    max_session_s: float = Field(3600.0, gt=0, description="a conversation is ended after this long")
+    idle_timeout_s: float = Field(600.0, gt=0, description="a conversation with no user speech or text for this long ends")
+    jobs_per_minute: int = Field(10, ge=1, description="avatar/render jobs one key (or one open client) may create per minute")
 
 
 class AvatarSettings(BaseModel):
@@ -150,6 +153,26 @@ class WebRTCSettings(BaseModel):
     connect_timeout_s: float = Field(30.0, gt=0, description="a call not connected by then is hung up")
 
 
+class ApiKey(BaseModel):
+    """A client's API key, stored as its SHA-256 (``avatalk keys hash KEY`` prints it)."""
+
+    name: str = Field(min_length=1, max_length=64, description="who the key belongs to (logs, metrics, limits)")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the key")
+    max_sessions: int | None = Field(None, ge=1, description="concurrent sessions for this key (default: no own limit)")
+
+
+class AuthSettings(BaseModel):
+    api_keys: list[ApiKey] = Field(default_factory=list, description="empty = open access, allowed on loopback only")
+    token_secret: str | None = Field(
+        None, min_length=16, description="HMAC secret for session tokens; empty = random per process (tokens die on restart)"
+    )
+    token_ttl_s: int = Field(300, ge=10, le=86400, description="default lifetime of a session token")
+    cors_origins: list[str] = Field(default_factory=list, description="origins allowed to call the API from a browser")
+    allow_open_network: bool = Field(
+        False, description="serve a non-loopback address without API keys (only for trusted private networks)"
+    )
+
+
 class Settings(BaseSettings):
     """Everything avatalk can be told; see README "Configuration"."""
 
@@ -174,6 +197,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = LimitSettings()
     avatars: AvatarSettings = AvatarSettings()
     webrtc: WebRTCSettings = WebRTCSettings()
+    auth: AuthSettings = AuthSettings()
 
     @classmethod
     def settings_customise_sources(

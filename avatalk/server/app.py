@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -17,7 +18,9 @@ from avatalk.config import Settings
 from avatalk.server.avatars_api import router as avatars_router
 from avatalk.server.avatars_api import setup_avatars, shutdown_avatars
 from avatalk.server.renders_api import router as renders_router
+from avatalk.server.auth import AuthMiddleware, Authenticator, RateLimiter, check_exposure
 from avatalk.server.sessions import SessionRegistry
+from avatalk.server.tokens_api import router as tokens_router
 from avatalk.server.webrtc_api import close_all_calls
 from avatalk.server.webrtc_api import router as webrtc_router
 from avatalk.server.websocket import router as websocket_router
@@ -48,8 +51,22 @@ def create_app(settings: Settings, models: EngineModels | None = None) -> FastAP
             if owned and app.state.models is not None:
                 await app.state.models.aclose()
 
+    check_exposure(settings)
     app = FastAPI(title="avatalk", version=__version__, lifespan=lifespan)
     app.state.settings = settings
+    app.state.authenticator = Authenticator(settings)
+    app.add_middleware(
+        AuthMiddleware,
+        authenticator=app.state.authenticator,
+        limiter=RateLimiter(settings.limits.jobs_per_minute),
+    )
+    if settings.auth.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.auth.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+        )
     app.state.models = None
     app.state.sessions = SessionRegistry(settings.limits.max_sessions)
     app.state.webrtc_calls = {}
@@ -75,6 +92,7 @@ def create_app(settings: Settings, models: EngineModels | None = None) -> FastAP
     app.include_router(avatars_router)
     app.include_router(renders_router)
     app.include_router(webrtc_router)
+    app.include_router(tokens_router)
     web_client = Path(__file__).resolve().parent.parent / "web_client"
 
     @app.get("/", include_in_schema=False)

@@ -6,34 +6,52 @@ import asyncio
 import contextlib
 import logging
 
+from avatalk.server.auth import Principal
 from avatalk.streaming.session import ConversationSession
+
+OPEN = Principal("open", "open")
 
 logger = logging.getLogger(__name__)
 
 
 class SessionRegistry:
-    """Admits sessions up to a capacity; refuses the rest instead of degrading everyone."""
+    """Admits sessions up to a global capacity and each key's own limit; refuses the rest."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._sessions: dict[str, ConversationSession] = {}
+        self._owners: dict[str, Principal] = {}
 
     @property
     def active(self) -> int:
         return len(self._sessions)
 
-    def try_add(self, session: ConversationSession) -> bool:
+    def refusal(self, principal: Principal) -> str | None:
+        """Why a new session for ``principal`` would be refused, or None."""
         if len(self._sessions) >= self.capacity:
-            return False
-        self._sessions[session.id] = session
-        return True
+            return f"the server is at its limit of {self.capacity} concurrent sessions; try again later"
+        if principal.max_sessions is not None:
+            own = sum(1 for owner in self._owners.values() if owner.name == principal.name)
+            if own >= principal.max_sessions:
+                return f"key {principal.name!r} is at its limit of {principal.max_sessions} concurrent sessions"
+        return None
+
+    def try_add(self, session: ConversationSession, principal: Principal = OPEN) -> str | None:
+        """Admit ``session``; returns the refusal reason instead when it cannot be admitted."""
+        reason = self.refusal(principal)
+        if reason is None:
+            self._sessions[session.id] = session
+            self._owners[session.id] = principal
+        return reason
 
     def remove(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)
+        self._owners.pop(session_id, None)
 
     async def close_all(self) -> None:
         sessions = list(self._sessions.values())
         self._sessions.clear()
+        self._owners.clear()
         for session in sessions:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await session.close()

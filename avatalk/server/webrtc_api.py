@@ -17,7 +17,7 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from pydantic import BaseModel, Field
 
 from avatalk.config import IceServer, Settings
-from avatalk.server.sessions import SessionRegistry
+from avatalk.server.sessions import OPEN, SessionRegistry
 from avatalk.streaming.protocol import PersonaOptions, ProtocolError, SessionOptions
 from avatalk.streaming.session import ConversationSession
 from avatalk.streaming.webrtc import WebRTCOutput, close_peer, handle_channel_message, pump_microphone, rtc_configuration
@@ -124,12 +124,10 @@ async def webrtc_offer(body: OfferIn, request: Request) -> AnswerOut:
     pc = RTCPeerConnection(rtc_configuration(settings.webrtc.ice_servers))
     output = WebRTCOutput(settings.webrtc.output_sample_rate)
     session = ConversationSession(uuid.uuid4().hex[:12], models, settings, output, request.app.state.avatar_store)
-    if not registry.try_add(session):
+    refusal = registry.try_add(session, getattr(request.state, "principal", OPEN))
+    if refusal is not None:
         await close_peer(pc)
-        raise HTTPException(
-            503, f"the server is at its limit of {registry.capacity} concurrent sessions; try again later",
-            headers={"Retry-After": "30"},
-        )
+        raise HTTPException(503, refusal, headers={"Retry-After": "30"})
     call = Call(session, pc, output)
     calls = _calls(request)
 
@@ -184,6 +182,7 @@ async def webrtc_offer(body: OfferIn, request: Request) -> AnswerOut:
         raise HTTPException(400, f"the SDP offer could not be used: {error or error.__class__.__name__}") from error
 
     calls[session.id] = call
+    session.on_end = lambda: hang_up("session limit reached")
 
     async def connect_deadline() -> None:
         await asyncio.sleep(settings.webrtc.connect_timeout_s)

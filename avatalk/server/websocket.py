@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 
@@ -11,7 +12,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.websockets import WebSocketState
 
 from avatalk.config import Settings
-from avatalk.server.sessions import SessionRegistry
+from avatalk.server.sessions import OPEN, SessionRegistry
 from avatalk.streaming.audio import float_to_pcm16
 from avatalk.streaming.images import encode_jpeg
 from avatalk.streaming.protocol import BinaryKind, ProtocolError, encode_binary, encode_event, parse_client_event
@@ -21,7 +22,7 @@ logger = logging.getLogger(__name__)
 router = APIRouter()
 
 CLOSE_TRY_AGAIN_LATER = 1013
-CLOSE_MESSAGE_TOO_BIG = 1009
+CLOSE_POLICY = 1008
 
 
 class WebSocketOutput:
@@ -72,15 +73,19 @@ async def conversation(websocket: WebSocket) -> None:
         return
     avatars = getattr(websocket.app.state, "avatar_store", None)
     session = ConversationSession(uuid.uuid4().hex[:12], models, settings, output, avatars)
-    if not registry.try_add(session):
-        await output.send_event(
-            "error",
-            code="server_full",
-            message=f"the server is at its limit of {registry.capacity} concurrent sessions; try again later",
-        )
+    refusal = registry.try_add(session, websocket.scope.get("state", {}).get("principal", OPEN))
+    if refusal is not None:
+        await output.send_event("error", code="server_full", message=refusal)
         await websocket.close(CLOSE_TRY_AGAIN_LATER, "server full")
         return
     logger.info("session %s opened (%d active)", session.id, registry.active)
+
+    async def end() -> None:
+        output.open = False
+        with contextlib.suppress(RuntimeError, OSError):
+            await websocket.close(CLOSE_POLICY, "session limit reached")
+
+    session.on_end = end
     await output.send_event("session.created", session=session.describe())
     try:
         await _serve(websocket, session, output, settings)

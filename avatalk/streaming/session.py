@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -143,6 +144,9 @@ class ConversationSession:
         self._playback_idle.set()
         self._closed = False
         self._listening_turn: int | None = None  # turn id of the utterance in progress
+        self._started_at = time.monotonic()
+        self._last_activity = self._started_at
+        self.on_end: Callable[[], Awaitable[None]] | None = None  # the transport hangs up
 
     # ---- public API used by the transports -------------------------------------------------
 
@@ -186,6 +190,7 @@ class ConversationSession:
             self._resampler = StreamResampler(input_rate, ENGINE_SAMPLE_RATE)
             self.clock = MediaClock(output_rate)
             self._spawn(self._input_loop(), "input")
+            self._spawn(self._watch_limits(), "limits")
             prepare = self._render_tick if self._renderer is not None else None
             self._spawn(self.clock.run(self._on_tick, prepare), "clock")
         await self.output.send_event("session.updated", session=self.describe())
@@ -233,7 +238,7 @@ class ConversationSession:
             raise ProtocolError(
                 "text_too_long", f"text is {len(text)} characters; the limit is {self.settings.limits.max_text_input_chars}"
             )
-        started = time.monotonic()
+        started = self._last_activity = time.monotonic()
         await self.interrupt("new_input")
         self._start_response(text=text, started_at=started)
 
@@ -268,6 +273,25 @@ class ConversationSession:
         await self.output.send_event("response.done", turn_id=response.turn_id, status="interrupted", text=spoken)
         logger.info("session %s turn %d interrupted (%s); kept %r", self.id, response.turn_id, reason, spoken)
         return True
+
+    async def _watch_limits(self) -> None:
+        """End the session when it is too long or idle too long (limits.*)."""
+        limits = self.settings.limits
+        while True:
+            await asyncio.sleep(min(1.0, limits.idle_timeout_s / 4, limits.max_session_s / 4))
+            now = time.monotonic()
+            if now - self._started_at >= limits.max_session_s:
+                await self._end("session_expired", f"the session reached its maximum length of {limits.max_session_s:.0f} s")
+                return
+            if self._response is None and now - self._last_activity >= limits.idle_timeout_s:
+                await self._end("idle_timeout", f"nobody spoke for {limits.idle_timeout_s:.0f} s; the session was closed")
+                return
+
+    async def _end(self, code: str, message: str) -> None:
+        logger.info("session %s ending: %s", self.id, code)
+        await self.output.send_event("error", code=code, message=message, fatal=True)
+        if self.on_end is not None:
+            await self.on_end()
 
     async def close(self) -> None:
         self._closed = True
@@ -374,6 +398,7 @@ class ConversationSession:
 
     async def _handle_turn_event(self, event: TurnEvent) -> None:
         if event.kind is TurnEventKind.SPEECH_STARTED:
+            self._last_activity = time.monotonic()
             self._listening_turn = self._next_turn_id
             self._asr.reset()
             await self.output.send_event("input_audio_buffer.speech_started", turn_id=self._listening_turn)

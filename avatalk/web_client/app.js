@@ -168,7 +168,7 @@ function setPhase(phase) {
   call.phase = phase;
   el.app.dataset.phase = phase;
   const inCall = phase === "connecting" || phase === "connected";
-  el.start.hidden = inCall;
+  el.start.hidden = inCall || phase === "error"; // an error has its own Retry button
   el.mute.hidden = !inCall;
   el.interrupt.hidden = !inCall;
   el.hangup.hidden = !inCall;
@@ -517,6 +517,7 @@ function watchFrames(generation) {
   const onFrame = () => {
     if (generation !== call.generation) return;
     call.framesPresented++;
+    if (ambient && call.framesPresented % 12 === 1) paintAmbient();
     if (call.framesPresented === 1 || !el.tile.classList.contains("has-video")) {
       el.tile.classList.add("has-video");
       if (video.videoWidth && video.videoHeight) {
@@ -526,6 +527,24 @@ function watchFrames(generation) {
     video.requestVideoFrameCallback(onFrame);
   };
   video.requestVideoFrameCallback(onFrame);
+}
+
+// Kiosk: the bands beside a video that does not fill the screen show a blurred, scaled
+// copy of it ("ambient" backdrop), repainted twice a second from a 16x16 thumbnail.
+const ambient = mode === "kiosk" ? document.createElement("canvas") : null;
+if (ambient) {
+  ambient.className = "ambient";
+  ambient.width = ambient.height = 16;
+  ambient.setAttribute("aria-hidden", "true");
+  el.tile.prepend(ambient);
+}
+
+function paintAmbient() {
+  try {
+    ambient.getContext("2d").drawImage(el.video, 0, 0, 16, 16);
+  } catch {
+    /* no frame yet */
+  }
 }
 
 /** Resolves with the display time of the next video frame presented (performance.now() clock). */
@@ -794,6 +813,7 @@ function renderCaption(caption) {
   node.classList.toggle("is-partial", !caption.final);
   node.classList.toggle("is-interrupted", caption.interrupted);
   node.classList.toggle("is-failed", caption.status === "failed");
+  node.classList.toggle("is-empty", !caption.text.trim() && !caption.interrupted);
   const text = node.querySelector(".caption-text");
   if (caption.interrupted) {
     text.replaceChildren();

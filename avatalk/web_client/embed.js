@@ -189,8 +189,10 @@
       window.removeEventListener("message", onMessage);
       document.removeEventListener("keydown", onKey);
       // The page hangs up on the message (and on unload); remove it once that went out.
+      var closeButton = old.nextSibling;
       setTimeout(function () {
-        if (old.parentNode) old.parentNode.replaceChildren ? old.parentNode.replaceChildren() : (old.parentNode.innerHTML = "");
+        if (old.parentNode) old.parentNode.removeChild(old);
+        if (closeButton && closeButton.parentNode && !frame) closeButton.parentNode.removeChild(closeButton);
       }, 200);
       launcher.focus();
       emit("close", {});
