@@ -83,6 +83,7 @@ class LLMSettings(BaseModel):
     history_tokens: int = Field(1024, ge=64, description="approximate token budget for the dialogue history")
     threads: int = Field(2, ge=1)
     timeout_s: float = Field(20.0, gt=0, description="connect/read timeout for remote servers")
+    first_token_timeout_s: float = Field(15.0, gt=0, description="a reply whose first token takes longer fails over")
 
 
 class TTSSettings(BaseModel):
@@ -91,7 +92,7 @@ class TTSSettings(BaseModel):
     base_url: str = Field("http://127.0.0.1:8880/v1", description="OpenAI-compatible speech server base URL")
     model: str = "tts-1"
     api_key: str | None = None
-    timeout_s: float = Field(20.0, gt=0)
+    timeout_s: float = Field(20.0, gt=0, description="longest a sentence may take to synthesise (any backend)")
     max_sentence_chars: int = Field(160, ge=20, description="longer sentences are split at clause boundaries")
     min_sentence_chars: int = Field(12, ge=1, description="shorter sentences are merged with the next one")
 
@@ -103,6 +104,10 @@ class PersonaSettings(BaseModel):
         "Answer in one or two short, plain sentences. Do not use lists, markdown or emojis."
     )
     greeting: str = "Hello! I'm Ava. How can I help you today?"
+    fallback: str = Field(
+        "Sorry, I can't answer right now. Please try again in a moment.",
+        description="spoken when the LLM fails or is too slow (empty = only the error event)",
+    )
     voice: str | None = Field(None, description="voice name for backends that have several (espeak, openai)")
     language: str = "en"
 

@@ -9,9 +9,11 @@ the tests are skipped.
 from __future__ import annotations
 
 import asyncio
+import http.server
 import re
+import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -204,15 +206,39 @@ async def test_refused_offer_shows_the_reason_and_retry(server, question_wav, tm
         assert page.errors == []  # type: ignore[attr-defined]
 
 
-async def test_embed_script_opens_the_call_in_an_iframe(server, question_wav, tmp_path):
+@pytest.fixture
+def host_page(server) -> Iterator[str]:
+    """Another site (another origin, on loopback) that embeds the avatar with embed.js."""
+    body = (
+        "<!doctype html><html><body><h1>Course</h1>"
+        f'<script src="{server.base_url}/embed.js" data-avatar="nobody-here" data-position="bottom-left"'
+        ' data-size="300" data-greeting="false" async></script></body></html>'
+    ).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html; charset=utf-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=site.serve_forever, daemon=True)
+    thread.start()
+    # "localhost" is another origin than the server's 127.0.0.1, and both are loopback
+    # (Chromium's local-network-access rules block a public page from a loopback server).
+    yield f"http://localhost:{site.server_address[1]}/course.html"
+    site.shutdown()
+    site.server_close()
+
+
+async def test_embed_script_opens_the_call_in_an_iframe(server, host_page, question_wav, tmp_path):
     async with chromium(question_wav, tmp_path / "profile") as page:
-        host_page = (
-            "<!doctype html><html><body><h1>Course</h1>"
-            f'<script src="{server.base_url}/embed.js" data-avatar="nobody-here" data-position="bottom-left"'
-            ' data-size="300" data-greeting="false" async></script></body></html>'
-        )
-        await page.route("http://tutor.example/", lambda route: route.fulfill(content_type="text/html", body=host_page))
-        await page.goto("http://tutor.example/")
+        await page.goto(host_page)
         launcher = page.locator(".avatalk-launcher")
         await launcher.wait_for(state="visible")
         assert await launcher.get_attribute("aria-label")

@@ -41,6 +41,7 @@ class PersonaOptions(BaseModel):
     name: str | None = Field(None, max_length=100)
     system_prompt: str | None = Field(None, max_length=8000)
     greeting: str | None = Field(None, max_length=1000)
+    fallback: str | None = Field(None, max_length=1000)
     voice: str | None = Field(None, max_length=100)
     language: str | None = Field(None, max_length=16)
 

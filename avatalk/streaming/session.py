@@ -467,6 +467,9 @@ class ConversationSession:
         await self.output.send_event("error", code=code, message=message, turn_id=response.turn_id)
         await self._set_state("listening")
         await self.output.send_event("response.done", turn_id=response.turn_id, status="failed", text=spoken)
+        if code == "llm_error" and not spoken and self.persona.fallback.strip() and self._response is None:
+            # Say something rather than leave the user in silence; TTS may still work.
+            self._start_response(text=None, started_at=time.monotonic(), fixed_reply=self.persona.fallback)
 
     async def _respond(
         self,
@@ -495,24 +498,22 @@ class ConversationSession:
 
         sentences: asyncio.Queue[str | None] = asyncio.Queue(maxsize=self.settings.limits.queue_chunks)
         speaker = asyncio.create_task(self._speak(response, sentences), name=f"{self.id}:tts-{turn_id}")
+        writer = asyncio.create_task(self._write(response, sentences, fixed_reply), name=f"{self.id}:llm-{turn_id}")
         try:
-            if fixed_reply is not None:
-                response.generated_text = fixed_reply
-                await self.output.send_event("response.text.delta", turn_id=turn_id, delta=fixed_reply)
-                splitter = self._splitter()
-                for sentence in splitter.push(fixed_reply) + splitter.flush():
-                    await sentences.put(sentence)
-            else:
-                await self._generate(response, sentences)
-            await sentences.put(None)
-            response.finished_generating = True
-            await self.output.send_event("response.text.done", turn_id=turn_id, text=response.generated_text)
+            # Whichever fails first ends the turn; the other is cancelled.
+            await asyncio.wait({writer, speaker}, return_when=asyncio.FIRST_EXCEPTION)
+            if writer.done() and writer.exception() is None:
+                await self.output.send_event("response.text.done", turn_id=turn_id, text=response.generated_text)
+            for task in (writer, speaker):
+                if task.done() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
             await speaker
         finally:
-            if not speaker.done():
-                speaker.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await speaker
+            for task in (writer, speaker):
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
         # Let the clock play out what is queued, then close the turn.
         while self.clock is not None and self.clock.busy:
             self._playback_idle.clear()
@@ -532,19 +533,39 @@ class ConversationSession:
             min_chars=self.settings.tts.min_sentence_chars, max_chars=self.settings.tts.max_sentence_chars
         )
 
+    async def _write(
+        self, response: _Response, sentences: asyncio.Queue[str | None], fixed_reply: str | None
+    ) -> None:
+        """Produce the reply's sentences (from the LLM, or a fixed text), then the end marker."""
+        if fixed_reply is not None:
+            response.generated_text = fixed_reply
+            await self.output.send_event("response.text.delta", turn_id=response.turn_id, delta=fixed_reply)
+            splitter = self._splitter()
+            for sentence in splitter.push(fixed_reply) + splitter.flush():
+                await sentences.put(sentence)
+        else:
+            await self._generate(response, sentences)
+        await sentences.put(None)
+        response.finished_generating = True
+
     async def _generate(self, response: _Response, sentences: asyncio.Queue[str | None]) -> None:
         splitter = self._splitter()
         stream = self.models.llm.stream(self.memory.messages())
+        wait_s = self.settings.llm.first_token_timeout_s
         try:
-            async for delta in stream:
-                if not delta:
-                    continue
-                response.mark("llm_first_token")
-                response.generated_text += delta
-                await self.output.send_event("response.text.delta", turn_id=response.turn_id, delta=delta)
-                for sentence in splitter.push(delta):
-                    response.mark("first_sentence")
-                    await sentences.put(sentence)
+            async with asyncio.timeout(wait_s) as first_token:
+                async for delta in stream:
+                    if not delta:
+                        continue
+                    first_token.reschedule(None)
+                    response.mark("llm_first_token")
+                    response.generated_text += delta
+                    await self.output.send_event("response.text.delta", turn_id=response.turn_id, delta=delta)
+                    for sentence in splitter.push(delta):
+                        response.mark("first_sentence")
+                        await sentences.put(sentence)
+        except TimeoutError as error:
+            raise LLMError(f"the LLM gave no answer within {wait_s:.0f} s") from error
         finally:
             await stream.aclose()
         for sentence in splitter.flush():
@@ -559,9 +580,12 @@ class ConversationSession:
             pieces: list[np.ndarray] = []
             stream = tts.synthesize(sentence)
             try:
-                async for chunk in stream:
-                    response.mark("tts_first_audio")
-                    pieces.append(chunk)
+                async with asyncio.timeout(self.settings.tts.timeout_s):
+                    async for chunk in stream:
+                        response.mark("tts_first_audio")
+                        pieces.append(chunk)
+            except TimeoutError as error:
+                raise TTSError(f"the TTS took longer than {self.settings.tts.timeout_s:.0f} s for one sentence") from error
             finally:
                 await stream.aclose()
             if not pieces:

@@ -1,8 +1,9 @@
 """Renderers: reply audio in, lip-synced avatar frames out, one per 40 ms tick.
 
 ``create_renderer`` builds one by the name used in the settings
-(``avatars.renderer``): "classic" is the CPU default; "musetalk" (GPU) is
-designed but not available yet.
+(``avatars.renderer``): "classic" is the CPU default; "musetalk" runs the
+official MuseTalk v1.5 weights on a GPU (``avatalk.avatars.renderers.musetalk``,
+imported only when chosen, since it needs torch, diffusers and transformers).
 """
 
 from __future__ import annotations
@@ -40,16 +41,22 @@ RENDERER_NAMES = ("classic", "musetalk")
 
 
 def create_renderer(name: str) -> Renderer:
-    """The renderer called ``name``: "classic" (CPU); "musetalk" raises ``RendererUnavailable`` for now.
+    """The renderer called ``name``: "classic" (CPU) or "musetalk" (GPU, settings ``AVATALK_MUSETALK__*``).
 
-    ``RendererUnavailable`` is a ``NotImplementedError``; an unknown name is a
-    ``ValueError`` listing the known ones.
+    "musetalk" loads its weights here (seconds). It raises
+    ``RendererUnavailable`` (a ``NotImplementedError``) when its Python
+    packages or its weights are missing, with a message saying how to fix
+    it; an unknown name is a ``ValueError`` listing the known ones.
     """
     if name == "classic":
         return ClassicRenderer()
     if name == "musetalk":
-        raise RendererUnavailable(
-            "the musetalk renderer is not available yet in this version of avatalk; "
-            "use the 'classic' renderer (AVATALK_AVATARS__RENDERER=classic)"
-        )
+        try:
+            from avatalk.avatars.renderers.musetalk import MuseTalkRenderer
+        except ImportError as error:
+            raise RendererUnavailable(
+                f"the musetalk renderer is not available: it needs torch, diffusers and transformers ({error}); "
+                "install them with `pip install -e '.[gpu]'`, or use AVATALK_AVATARS__RENDERER=classic"
+            ) from error
+        return MuseTalkRenderer()
     raise ValueError(f"unknown renderer {name!r}; choose one of: {', '.join(RENDERER_NAMES)}")

@@ -93,7 +93,9 @@ class WhisperFeatureEncoder:
     queued behind the render batch that is running on the GPU.
     """
 
-    def __init__(self, encoder: WhisperEncoder, mel_filters: np.ndarray, *, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, encoder: WhisperEncoder, mel_filters: np.ndarray, *, device: torch.device, dtype: torch.dtype
+    ) -> None:
         """``mel_filters`` is the feature extractor's ``(n_fft // 2 + 1, n_mels)`` filter bank."""
         self.encoder = encoder.eval().requires_grad_(False)
         self.device = device
@@ -143,7 +145,8 @@ class WhisperFeatureEncoder:
             hidden = functional.gelu(encoder.conv1(x))
             hidden = functional.gelu(encoder.conv2(hidden)).permute(0, 2, 1)
             frames = hidden.shape[1]
-            positions = torch.as_tensor(list(starts), device=self.device)[:, None] + torch.arange(frames, device=self.device)
+            first = torch.as_tensor(list(starts), device=self.device)[:, None]
+            positions = first + torch.arange(frames, device=self.device)
             hidden = hidden + encoder.embed_positions.weight[positions]
             states = [hidden]
             for layer in encoder.layers:

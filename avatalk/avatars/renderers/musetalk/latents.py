@@ -204,7 +204,7 @@ def ensure_latents(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m avatalk.avatars.renderers.musetalk.latents ID [ID ...] [--force]``: exit status 0 when all succeeded."""
+    """``python -m avatalk.avatars.renderers.musetalk.latents ID [ID ...] [--force]``; 0 when all succeeded."""
     parser = argparse.ArgumentParser(description="Add MuseTalk VAE latents to prepared avatars.")
     parser.add_argument("avatar_ids", nargs="+", metavar="ID", help="avatar ids")
     parser.add_argument("--force", action="store_true", help="recompute even when valid latents exist")
@@ -213,7 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     musetalk = MuseTalkSettings()
     try:
         device = resolve_device(musetalk.device)
-        vae, vae_id = load_vae(musetalk.models_dir / VAE_DIR, device=device, dtype=resolve_dtype(musetalk.dtype, device))
+        dtype = resolve_dtype(musetalk.dtype, device)
+        vae, vae_id = load_vae(musetalk.models_dir / VAE_DIR, device=device, dtype=dtype)
     except MuseTalkWeightsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -221,7 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     status = 0
     for avatar_id in args.avatar_ids:
         try:
-            manifest = ensure_latents(store.load(avatar_id), vae, vae_id, batch_size=musetalk.latents_batch, force=args.force)
+            avatar = store.load(avatar_id)
+            manifest = ensure_latents(avatar, vae, vae_id, batch_size=musetalk.latents_batch, force=args.force)
         except (AvatarNotFound, InvalidAvatarId, OSError, RuntimeError) as error:
             print(f"error: {avatar_id}: {error}", file=sys.stderr)
             status = 1

@@ -123,7 +123,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RendererUnavailable(f"the musetalk renderer is set to run on {name}, but this machine has no CUDA GPU")
+        raise RendererUnavailable(
+            f"the musetalk renderer is not available: it is set to run on {name}, but this machine has no CUDA GPU"
+        )
     return device
 
 
@@ -153,7 +155,9 @@ def _require(models_dir: Path) -> None:
     missing = missing_files(models_dir)
     if missing:
         listed = ", ".join(str(path) for path in missing)
-        raise MuseTalkWeightsError(f"MuseTalk weights are incomplete: missing {listed}. {DOWNLOAD_HINT}")
+        raise MuseTalkWeightsError(
+            f"the musetalk renderer is not available: its weights are incomplete, missing {listed}. {DOWNLOAD_HINT}"
+        )
 
 
 def _read_json(path: Path) -> dict[str, Any]:

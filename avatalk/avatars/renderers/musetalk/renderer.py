@@ -126,7 +126,10 @@ def _prepare_avatar(avatar: LoadedAvatar, output_size: int, latents: torch.Tenso
     for index, frame in enumerate(avatar.frames):
         image = scaled.get(id(frame))
         if image is None:
-            image = frame if frame.shape[:2] == (out_h, out_w) else cv2.resize(frame, (out_w, out_h), interpolation=interpolation)
+            if frame.shape[:2] == (out_h, out_w):
+                image = frame
+            else:
+                image = cv2.resize(frame, (out_w, out_h), interpolation=interpolation)
             image.setflags(write=False)
             scaled[id(frame)] = image
         frames_out.append(image)
@@ -173,7 +176,9 @@ class MuseTalkRenderer(Renderer):
         self, settings: MuseTalkSettings | None = None, *, models: MuseTalkModels | None = None, max_avatars: int = 4
     ) -> None:
         self.settings = settings or MuseTalkSettings()
-        self.models = models or load_musetalk(self.settings.models_dir, device=self.settings.device, dtype=self.settings.dtype)
+        self.models = models or load_musetalk(
+            self.settings.models_dir, device=self.settings.device, dtype=self.settings.dtype
+        )
         self.generator = FrameGenerator(
             self.models,
             compile=self.settings.compile,
@@ -272,10 +277,11 @@ class MuseTalkSession(RendererSession):
         self._budget_s = settings.frame_budget_ms / 1000
         self._horizon = settings.look_ahead_ms // round(TICK_S * 1000)
         self._silence_power = 10.0 ** (settings.silence_db / 10.0)
-        # A frame is ready when blocks up to 2 ticks after it are complete; a block's window reaches
-        # `right` Whisper frames further, and its last mel frame half an STFT window beyond that.
+        # Ticks of audio after a frame's own that make it ready: the blocks of the 2 ticks after
+        # it, whose windows reach `right` Whisper frames further, whose last mel frame reads
+        # half an STFT window beyond its centre (3 ticks for right = 0).
         context = self._right * SAMPLES_PER_WHISPER_FRAME + N_FFT // 2 - HOP_LENGTH
-        self.context_ticks = BLOCKS_AFTER + 1 + math.ceil(context / SAMPLES_PER_TICK)
+        self.context_ticks = BLOCKS_AFTER + math.ceil(context / SAMPLES_PER_TICK)
         self.look_ahead_ticks = self._horizon + self.context_ticks
         self.stats = RenderStats()
         self.on_health: Callable[[RenderStats], None] | None = None
@@ -322,6 +328,8 @@ class MuseTalkSession(RendererSession):
         pending = self._pending.pop(tick, None)
         try:
             if self._silent(samples):
+                if pending is not None:
+                    pending.future.cancel()
                 self.stats.silent += 1
                 return self.idle_frame(tick)
             if pending is None:
@@ -424,7 +432,9 @@ class MuseTalkSession(RendererSession):
         if not self.stats.degraded and late >= _DEGRADED_AFTER:
             self.stats.degraded = True
             log.warning(
-                "musetalk session degraded: %d of the last %d frames were late (GPU overloaded?)", late, len(self._recent)
+                "musetalk session degraded: %d of the last %d frames were late (GPU overloaded?)",
+                late,
+                len(self._recent),
             )
         elif self.stats.degraded and late == 0 and len(self._recent) == _HEALTH_WINDOW:
             self.stats.degraded = False

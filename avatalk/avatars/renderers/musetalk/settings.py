@@ -37,7 +37,7 @@ class MuseTalkSettings(BaseSettings):
     frame_budget_ms: float = Field(
         34.0,
         gt=0.0,
-        le=1000.0,
+        le=60000.0,
         description="render() returns the idle frame (a late frame) when its generated frame is not ready this long "
         "after the call; the clock calls it one 40 ms tick ahead, so this must stay below 40 ms",
     )

@@ -1,0 +1,37 @@
+"""MuseTalk v1.5 lip-sync on the GPU, compatible with the official weights (DESIGN.md section 5).
+
+- ``loader``: the official folder layout in, checked models out (``load_musetalk``).
+- ``latents``: per-avatar VAE latents, stored in the avatar folder (``ensure_latents``).
+- ``features``: Whisper-tiny audio features streamed per 40 ms with bounded context.
+- ``generator`` and ``scheduler``: UNet + VAE decode batched across all sessions.
+- ``renderer``: the ``Renderer`` / ``RendererSession`` implementation.
+
+Importing this package imports torch, diffusers and transformers; the
+renderer factory only does so when "musetalk" is configured.
+"""
+
+from avatalk.avatars.renderers.musetalk.features import AudioFeatureStream, WhisperFeatureEncoder, positional_encoding
+from avatalk.avatars.renderers.musetalk.generator import FrameGenerator
+from avatalk.avatars.renderers.musetalk.latents import ensure_latents, load_latents
+from avatalk.avatars.renderers.musetalk.loader import MuseTalkModels, MuseTalkWeightsError, load_musetalk
+from avatalk.avatars.renderers.musetalk.renderer import MuseTalkRenderer, MuseTalkSession, RenderStats
+from avatalk.avatars.renderers.musetalk.scheduler import RenderScheduler, SchedulerStats
+from avatalk.avatars.renderers.musetalk.settings import MuseTalkSettings
+
+__all__ = [
+    "AudioFeatureStream",
+    "FrameGenerator",
+    "MuseTalkModels",
+    "MuseTalkRenderer",
+    "MuseTalkSession",
+    "MuseTalkSettings",
+    "MuseTalkWeightsError",
+    "RenderScheduler",
+    "RenderStats",
+    "SchedulerStats",
+    "WhisperFeatureEncoder",
+    "ensure_latents",
+    "load_latents",
+    "load_musetalk",
+    "positional_encoding",
+]

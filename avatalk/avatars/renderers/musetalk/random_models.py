@@ -1,0 +1,108 @@
+"""MuseTalk networks with random weights, in the real v1.5 shapes or tiny ones, for benchmarks and tests.
+
+Inference speed does not depend on the weights' values, so the benchmark
+times the real shapes without the real weights; the tests write tiny
+networks in the official file layout and load them with the real loader,
+so loading, features, scheduling and pasting are exercised end to end on a
+CPU. The code never downloads weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from avatalk.avatars.renderers.musetalk.features import WhisperFeatureEncoder
+from avatalk.avatars.renderers.musetalk.loader import (
+    SD_VAE_CONFIG,
+    UNET_DIR,
+    UNET_CONFIG,
+    UNET_V15_CONFIG,
+    UNET_WEIGHTS,
+    VAE_DIR,
+    WHISPER_DIR,
+    WHISPER_TINY_CONFIG,
+    MuseTalkModels,
+)
+
+Size = Literal["full", "tiny"]
+
+#: Token ids a tiny vocabulary can hold (Whisper's defaults point past it).
+_TINY_TOKENS = {"vocab_size": 64, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 3}
+
+
+def model_configs(size: Size, *, piece_s: int = 30) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """UNet, VAE and Whisper configs: the real ones (``full``) or the same structure with tiny widths.
+
+    ``piece_s`` is the Whisper window in seconds (30 for real Whisper); a
+    tiny model may use a shorter one so a test clip can fill whole windows.
+    """
+    if size == "full":
+        whisper = dict(WHISPER_TINY_CONFIG, max_source_positions=piece_s * 50)
+        return dict(UNET_V15_CONFIG), dict(SD_VAE_CONFIG), whisper
+    width = 32
+    unet = dict(
+        UNET_V15_CONFIG,
+        block_out_channels=[16, 16, 32, 32],
+        layers_per_block=1,
+        attention_head_dim=2,
+        norm_num_groups=8,
+        cross_attention_dim=width,
+    )
+    vae = dict(SD_VAE_CONFIG, block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4)
+    whisper = dict(
+        WHISPER_TINY_CONFIG,
+        d_model=width,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=2 * width,
+        decoder_ffn_dim=2 * width,
+        decoder_layers=1,
+        max_source_positions=piece_s * 50,
+        max_target_positions=16,
+        **_TINY_TOKENS,
+    )
+    return unet, vae, whisper
+
+
+def _unet(config: dict[str, Any]) -> UNet2DConditionModel:
+    return UNet2DConditionModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+
+
+def build_models(
+    size: Size, *, device: torch.device, dtype: torch.dtype, seed: int = 0, piece_s: int = 30
+) -> MuseTalkModels:
+    """Random-weight models built directly on ``device`` (no files), as the loader would return them."""
+    unet_config, vae_config, whisper_config = model_configs(size, piece_s=piece_s)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = _unet(unet_config)
+        vae = AutoencoderKL.from_config(vae_config)
+        encoder = WhisperEncoder(WhisperConfig(**whisper_config))
+    extractor = WhisperFeatureExtractor(feature_size=whisper_config["num_mel_bins"], chunk_length=piece_s)
+    unet = unet.to(dtype=dtype).eval().requires_grad_(False)
+    vae = vae.to(dtype=dtype).eval().requires_grad_(False)
+    audio = WhisperFeatureEncoder(encoder.to(dtype=dtype), extractor.mel_filters, device=device, dtype=dtype)
+    return MuseTalkModels(unet=unet, vae=vae, audio=audio, device=device, dtype=dtype, vae_id=f"random-{size}-{seed}")
+
+
+def write_layout(models_dir: Path, size: Size = "tiny", *, seed: int = 0, piece_s: int = 30) -> Path:
+    """Random-weight models saved in the official layout under ``models_dir`` (which is returned)."""
+    unet_config, vae_config, whisper_config = model_configs(size, piece_s=piece_s)
+    torch.manual_seed(seed)
+    models_dir = Path(models_dir)
+    (models_dir / UNET_DIR).mkdir(parents=True, exist_ok=True)
+    torch.save(_unet(unet_config).state_dict(), models_dir / UNET_DIR / UNET_WEIGHTS)
+    config = {"_class_name": "UNet2DConditionModel", **{k: v for k, v in unet_config.items() if k != "_class_name"}}
+    (models_dir / UNET_DIR / UNET_CONFIG).write_text(json.dumps(config, indent=2))
+    AutoencoderKL.from_config(vae_config).save_pretrained(models_dir / VAE_DIR)
+    WhisperModel(WhisperConfig(**whisper_config)).save_pretrained(models_dir / WHISPER_DIR)
+    extractor = WhisperFeatureExtractor(feature_size=whisper_config["num_mel_bins"], chunk_length=piece_s)
+    extractor.save_pretrained(models_dir / WHISPER_DIR)
+    return models_dir
