@@ -37,16 +37,6 @@ PROBE_TIMEOUT_S = 3.0
 GENERATED_AVATAR = "ava"
 #: Where Debian's chromium lands (``make browser``); otherwise it is looked up on PATH.
 CHROMIUM_PATH = Path("/usr/bin/chromium")
-#: The MuseTalk v1.5 layout (musetalk-notes.md); each entry: alternatives, any one of which will do.
-MUSETALK_FILES: tuple[tuple[str, ...], ...] = (
-    ("musetalkV15/unet.pth",),
-    ("musetalkV15/musetalk.json",),
-    ("sd-vae/config.json",),
-    ("sd-vae/diffusion_pytorch_model.bin", "sd-vae/diffusion_pytorch_model.safetensors"),
-    ("whisper/config.json",),
-    ("whisper/pytorch_model.bin", "whisper/model.safetensors"),
-    ("whisper/preprocessor_config.json",),
-)
 
 
 @dataclass(frozen=True)
@@ -240,7 +230,7 @@ def check_face_models(settings: Settings) -> Passed:
         FaceLandmarker(models=folder)
     except Exception as error:  # LiteRT raises ValueError/RuntimeError for missing or broken files
         raise CheckFailed(f"cannot load the face models in {folder}: {error}", hint) from None
-    return Passed(f"{', '.join(sorted(p.name for p in folder.glob('*.tflite')))} in {folder}")
+    return Passed(f"face detectors and mesh load from {folder}")
 
 
 def check_renderer(settings: Settings) -> Passed:
@@ -255,17 +245,20 @@ def check_renderer(settings: Settings) -> Passed:
 
 
 def check_musetalk_weights(settings: Settings) -> Passed:
-    hint = "download the MuseTalk v1.5 weights into AVATALK_MUSETALK__MODELS_DIR (see docs/avatars.md)"
+    """The official weights layout, file by file (the renderer check then loads them)."""
     try:
+        from avatalk.avatars.renderers.musetalk.loader import DOWNLOAD_HINT, missing_files
         from avatalk.avatars.renderers.musetalk.settings import MuseTalkSettings
-    except ImportError:
+    except ImportError as error:
         raise CheckFailed(
-            "this version of avatalk has no MuseTalk renderer", "set AVATALK_AVATARS__RENDERER=classic"
+            f"the MuseTalk renderer cannot be imported: {error}",
+            "install torch, diffusers and transformers (`pip install -e '.[gpu]'`) or set AVATALK_AVATARS__RENDERER=classic",
         ) from None
     root = MuseTalkSettings().models_dir.absolute()
-    missing = [" or ".join(names) for names in MUSETALK_FILES if not any((root / name).is_file() for name in names)]
+    missing = missing_files(root)
     if missing:
-        raise CheckFailed(f"missing in {root}: {', '.join(missing)}", hint)
+        listed = ", ".join(str(path.relative_to(root)) for path in missing)
+        raise CheckFailed(f"missing in {root}: {listed}", f"{DOWNLOAD_HINT}; set AVATALK_MUSETALK__MODELS_DIR")
     return Passed(str(root))
 
 

@@ -243,3 +243,100 @@ async def test_slow_llm_times_out_to_the_fallback(live_server_factory, engine_mo
         assert spoken["text"].startswith("Sorry") and client.audio
     finally:
         await client.close()
+
+
+async def test_slow_renderer_degrades_to_idle_frames(live_server_factory, engine_models):
+    """A renderer slower than real time: idle frames go out on time, audio is complete, a warning arrives."""
+    import time as clock
+
+    from avatalk.avatars.renderers import create_renderer
+
+    class SlowRendererForTest:
+        name = "slow"
+
+        def __init__(self) -> None:
+            self.inner = create_renderer("classic")
+
+        def open(self, avatar, output_size):
+            session = self.inner.open(avatar, output_size)
+
+            class Slow:
+                output_shape = session.output_shape
+                idle_frame = staticmethod(session.idle_frame)
+                reset = staticmethod(session.reset)
+
+                @staticmethod
+                def render(tick, audio):
+                    clock.sleep(0.2)  # five times slower than real time
+                    return session.render(tick, audio)
+
+            return Slow()
+
+    models = EngineModels(
+        vad=engine_models.vad, asr=engine_models.asr, llm=engine_models.llm, tts=engine_models.tts,
+        renderer=SlowRendererForTest(),
+    )
+    server = live_server_factory(models=models)
+    client = await open_session(server.ws_url, video=True, video_size=128, greeting=True, persona={"greeting": "Hello there, how are you?"})
+    try:
+        done = await client.wait_for(lambda e: e["type"] == "response.done", timeout=60)
+        assert done["status"] == "completed"
+        warning = await client.wait_for(lambda e: e["type"] == "warning", timeout=5)
+        assert warning["code"] == "renderer_behind" and warning["late_frames"] > 0
+        audio_ticks = {chunk.tick for chunk in client.audio}
+        frame_ticks = {frame.tick for frame in client.frames}
+        assert audio_ticks <= frame_ticks  # every audio tick still has a frame, sent on time
+    finally:
+        await client.close()
+        await client.close()
+
+
+async def test_video_session_sends_one_frame_per_audio_tick(server, speech, tmp_path):
+    import av
+
+    from avatalk.streaming.images import decode_jpeg
+
+    question = np.concatenate([np.zeros(8000, np.float32), speech("What is two plus two?")])
+    wav = tmp_path / "question.wav"
+    write_wav(wav, question, 16000)
+    video = tmp_path / "reply.mp4"
+    result = await talk(server.ws_url, wav, timeout=90, video_out=video, video_size=256)
+    assert result.latency_ms["first_frame"] >= result.latency_ms["tts_first_audio"]
+    # 25 frames per second of reply audio: every reply tick carries one frame.
+    reply_ticks = round(result.audio_seconds * 25)
+    assert result.frames == reply_ticks > 10
+    with av.open(str(video)) as container:
+        streams = {stream.type: stream for stream in container.streams}
+        assert set(streams) == {"video", "audio"}
+        assert streams["video"].codec_context.width == 256 or streams["video"].codec_context.height == 256
+        decoded = sum(1 for _ in container.decode(video=0))
+    assert decoded == result.frames
+
+
+async def test_video_frames_follow_the_clock_while_idle(server):
+    from avatalk.streaming.images import decode_jpeg
+
+    client = await open_session(server.ws_url, video=True, video_size=128)
+    try:
+        await asyncio.sleep(1.0)
+        ticks = [frame.tick for frame in client.frames]
+        assert len(ticks) >= 15  # ~25 per second while idle, too
+        assert ticks == list(range(ticks[0], ticks[0] + len(ticks)))
+        image = decode_jpeg(client.frames[-1].jpeg)
+        assert max(image.shape[:2]) == 128 and image.shape[2] == 3
+        assert not client.audio  # idle: pictures but no sound
+    finally:
+        await client.close()
+
+
+async def test_unknown_avatar_is_a_clear_error(server):
+    client = AvatalkClient(server.ws_url)
+    await client.connect()
+    try:
+        await client.wait_for(lambda e: e["type"] == "session.created")
+        error = await client.configure(avatar="nobody-here")
+        assert error["type"] == "error" and error["code"] == "unknown_avatar"
+        error = await client.configure(avatar="../etc")
+        assert error["type"] == "error" and error["code"] == "invalid_session_config"
+    finally:
+        await client.close()

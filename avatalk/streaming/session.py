@@ -50,6 +50,7 @@ from avatalk.tts import TTSError
 logger = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT_SAMPLE_RATE = 24000
+RENDER_BUDGET_S = 0.060  # a frame later than this (clock lead 40 ms + slack) is replaced by an idle frame
 
 
 class SessionOutput(Protocol):
@@ -118,6 +119,9 @@ class ConversationSession:
         self.video_size: int | None = None
         self._renderer: RendererSession | None = None
         self._renderer_reset = False
+        self._render_job: asyncio.Future[np.ndarray] | None = None
+        self.late_frames = 0
+        self._late_warned_at = float("-inf")
         self.models = models
         self.settings = settings
         self.output = output
@@ -326,19 +330,51 @@ class ConversationSession:
         self.video_size = size
 
     async def _render_tick(self, tick: Tick) -> None:
-        """The clock's prepare hook: this tick's frame, rendered in a worker thread."""
+        """The clock's prepare hook: this tick's frame, rendered in a worker thread.
+
+        A renderer that falls behind never stalls the clock: when the frame is
+        not ready within a tick, the avatar's idle frame goes out instead (audio
+        continues), the late frame is counted, and no new render starts until
+        the slow one has finished.
+        """
         renderer = self._renderer
         assert renderer is not None
+        speaking = tick.audio is not None and tick.render_audio is not None
+        if self._render_job is not None and not self._render_job.done():
+            tick.frame = await self._idle_frame(tick.index)
+            await self._frame_late(tick)
+            return
         reset, self._renderer_reset = self._renderer_reset, False
 
         def render() -> np.ndarray:
             if reset:
                 renderer.reset()
-            if tick.audio is None or tick.render_audio is None:
+            if not speaking:
                 return renderer.idle_frame(tick.index)
             return renderer.render(tick.index, tick.render_audio)
 
-        tick.frame = await asyncio.to_thread(render)
+        self._render_job = asyncio.ensure_future(asyncio.to_thread(render))
+        done, _ = await asyncio.wait({self._render_job}, timeout=RENDER_BUDGET_S)
+        if done:
+            tick.frame = self._render_job.result()
+            return
+        tick.frame = await self._idle_frame(tick.index)
+        await self._frame_late(tick)
+
+    async def _idle_frame(self, index: int) -> np.ndarray:
+        assert self._renderer is not None
+        return await asyncio.to_thread(self._renderer.idle_frame, index)
+
+    async def _frame_late(self, tick: Tick) -> None:
+        self.late_frames += 1
+        now = time.monotonic()
+        if now - self._late_warned_at >= 5.0:
+            self._late_warned_at = now
+            logger.warning("session %s renderer behind at tick %d (%d late frames)", self.id, tick.index, self.late_frames)
+            await self.output.send_event(
+                "warning", code="renderer_behind", message="the renderer is behind; showing idle frames",
+                late_frames=self.late_frames,
+            )
 
     def _apply_persona(self, persona: PersonaOptions) -> None:
         update = {key: value for key, value in persona.model_dump().items() if value is not None}

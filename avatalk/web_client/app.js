@@ -814,6 +814,7 @@ function renderCaption(caption) {
   node.classList.toggle("is-interrupted", caption.interrupted);
   node.classList.toggle("is-failed", caption.status === "failed");
   node.classList.toggle("is-empty", !caption.text.trim() && !caption.interrupted);
+  node.classList.toggle("is-unspoken", caption.interrupted && !caption.text.trim());
   const text = node.querySelector(".caption-text");
   if (caption.interrupted) {
     text.replaceChildren();
