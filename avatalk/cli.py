@@ -49,6 +49,7 @@ def serve(
         loop="uvloop",
         ws="websockets-sansio",
         ws_max_size=settings.limits.max_ws_message_bytes,
+        timeout_graceful_shutdown=int(settings.limits.drain_s) + 5,
         log_level=settings.log_level.lower(),
     )
 

@@ -121,6 +121,7 @@ class LimitSettings(BaseModel):
     queue_chunks: int = Field(64, ge=4, description="bound of every inter-stage queue")
     max_session_s: float = Field(3600.0, gt=0, description="a conversation is ended after this long")
     idle_timeout_s: float = Field(600.0, gt=0, description="a conversation with no user speech or text for this long ends")
+    drain_s: float = Field(10.0, ge=0, description="on shutdown, replies in progress get this long to finish")
     jobs_per_minute: int = Field(10, ge=1, description="avatar/render jobs one key (or one open client) may create per minute")
 
 

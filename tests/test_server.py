@@ -340,3 +340,12 @@ async def test_unknown_avatar_is_a_clear_error(server):
         assert error["type"] == "error" and error["code"] == "invalid_session_config"
     finally:
         await client.close()
+
+
+async def test_shutdown_tells_clients_and_closes(live_server_factory):
+    server = live_server_factory(limits={"drain_s": 2.0})
+    client = await open_session(server.ws_url)
+    await asyncio.to_thread(server.stop)
+    await asyncio.wait_for(client.closed.wait(), 30)
+    shutdown_event = any(e["type"] == "error" and e["code"] == "server_shutdown" for e in client.events)
+    assert shutdown_event or client.close_code == 1012  # 1012: service restart

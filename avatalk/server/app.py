@@ -45,8 +45,8 @@ def create_app(settings: Settings, models: EngineModels | None = None) -> FastAP
             logger.info("avatalk %s ready on %s:%d", __version__, settings.host, settings.port)
             yield
         finally:
+            await app.state.sessions.close_all(settings.limits.drain_s)
             await close_all_calls(app.state.webrtc_calls)
-            await app.state.sessions.close_all()
             await shutdown_avatars(app)
             if owned and app.state.models is not None:
                 await app.state.models.aclose()

@@ -48,10 +48,16 @@ class SessionRegistry:
         self._sessions.pop(session_id, None)
         self._owners.pop(session_id, None)
 
-    async def close_all(self) -> None:
+    async def close_all(self, drain_s: float = 0.0) -> None:
+        """Shutdown: every session is told and may finish its reply (in parallel), then closed."""
         sessions = list(self._sessions.values())
         self._sessions.clear()
         self._owners.clear()
-        for session in sessions:
+
+        async def finish(session: ConversationSession) -> None:
+            with contextlib.suppress(Exception):
+                await session.drain(drain_s)
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await session.close()
+
+        await asyncio.gather(*(finish(session) for session in sessions))

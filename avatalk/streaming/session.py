@@ -297,6 +297,15 @@ class ConversationSession:
         if self.on_end is not None:
             await self.on_end()
 
+    async def drain(self, timeout_s: float) -> None:
+        """Shutdown: tell the client, let the reply in progress finish (up to ``timeout_s``)."""
+        await self.output.send_event(
+            "error", code="server_shutdown", message="the server is shutting down; please reconnect shortly", fatal=True
+        )
+        deadline = time.monotonic() + timeout_s
+        while (self._response is not None or (self.clock is not None and self.clock.busy)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
     async def close(self) -> None:
         self._closed = True
         tasks = list(self._tasks)

@@ -529,19 +529,31 @@ function watchFrames(generation) {
   video.requestVideoFrameCallback(onFrame);
 }
 
-// Kiosk: the bands beside a video that does not fill the screen show a blurred, scaled
-// copy of it ("ambient" backdrop), repainted twice a second from a 16x16 thumbnail.
+// Kiosk: the bands beside (or above and below) a video that does not fill the screen take
+// the colours of the video's own edges, sampled twice a second from a 16x16 thumbnail.
 const ambient = mode === "kiosk" ? document.createElement("canvas") : null;
-if (ambient) {
-  ambient.className = "ambient";
-  ambient.width = ambient.height = 16;
-  ambient.setAttribute("aria-hidden", "true");
-  el.tile.prepend(ambient);
-}
+if (ambient) ambient.width = ambient.height = 16;
 
 function paintAmbient() {
+  const video = el.video;
+  if (!video.videoWidth) return;
   try {
-    ambient.getContext("2d").drawImage(el.video, 0, 0, 16, 16);
+    const ctx = ambient.getContext("2d", { willReadFrequently: true });
+    ctx.drawImage(video, 0, 0, 16, 16);
+    const px = ctx.getImageData(0, 0, 16, 16).data;
+    const average = (indices) => {
+      const sum = [0, 0, 0];
+      for (const i of indices) for (let c = 0; c < 3; c++) sum[c] += px[4 * i + c];
+      return `rgb(${sum.map((v) => Math.round(v / indices.length)).join(",")})`;
+    };
+    const range = Array.from({ length: 16 }, (_, i) => i);
+    const sideways = el.tile.clientWidth / el.tile.clientHeight > video.videoWidth / video.videoHeight;
+    el.tile.dataset.bands = sideways ? "x" : "y";
+    const [a, b] = sideways
+      ? [average(range.map((y) => y * 16)), average(range.map((y) => y * 16 + 15))]
+      : [average(range), average(range.map((x) => 240 + x))];
+    el.tile.style.setProperty("--edge-a", a);
+    el.tile.style.setProperty("--edge-b", b);
   } catch {
     /* no frame yet */
   }

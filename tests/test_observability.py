@@ -1,0 +1,245 @@
+"""Metrics counted from what sessions send, the /metrics route, and JSON logs with session ids."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+from collections.abc import Iterator
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import pytest
+from fastapi import FastAPI
+
+from avatalk import observability
+from avatalk.observability import (
+    ContextFilter,
+    JsonFormatter,
+    Metrics,
+    configure_logging,
+    session_id_var,
+    setup_metrics,
+    turn_context,
+    turn_id_var,
+)
+from avatalk.streaming.clock import TICK_S
+
+
+class RecordingOutput:
+    """A session output that keeps what it was given."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, object]]] = []
+        self.ticks: list[int] = []
+
+    async def send_event(self, kind: str, **fields: object) -> None:
+        self.events.append((kind, fields))
+
+    async def send_tick(self, tick: int, audio: np.ndarray | None, frame: np.ndarray | None) -> None:
+        self.ticks.append(tick)
+
+
+def value(metrics: Metrics, name: str, **labels: str) -> float:
+    sample = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if sample is None else sample
+
+
+async def test_events_are_counted_and_passed_on_unchanged() -> None:
+    metrics = Metrics()
+    inner = RecordingOutput()
+    output = metrics.observe(inner, "ws")
+    await output.send_event("response.done", turn_id=1, status="completed", text="Hi.")
+    await output.send_event("response.done", turn_id=2, status="interrupted", text="")
+    await output.send_event("response.interrupted", turn_id=2, reason="barge_in", spoken_text="")
+    await output.send_event("error", code="invalid_json", message="text frames must be JSON objects")
+    await output.send_event("error", code="invalid_json", message="again")
+    metrics.record_error("server_full")
+    assert inner.events[0] == ("response.done", {"turn_id": 1, "status": "completed", "text": "Hi."})
+    assert len(inner.events) == 5
+    assert value(metrics, "avatalk_sessions_total", transport="ws") == 1
+    assert value(metrics, "avatalk_turns_total", status="completed") == 1
+    assert value(metrics, "avatalk_turns_total", status="interrupted") == 1
+    assert value(metrics, "avatalk_barge_ins_total", reason="barge_in") == 1
+    assert value(metrics, "avatalk_errors_total", code="invalid_json") == 2
+    assert value(metrics, "avatalk_errors_total", code="server_full") == 1
+
+
+async def test_latency_marks_feed_the_histograms_but_greetings_do_not() -> None:
+    metrics = Metrics()
+    output = metrics.observe(RecordingOutput(), "webrtc")
+    voice = {"asr_final": 120.0, "llm_first_token": 300.0, "first_sentence": 420.0, "tts_first_audio": 450.0, "first_audio": 480.0}
+    await output.send_event("latency", turn_id=1, marks_ms=voice)
+    await output.send_event("latency", turn_id=2, marks_ms={"llm_first_token": 90.0, "first_audio": 250.0, "first_frame": 250.0})
+    await output.send_event("latency", turn_id=3, marks_ms={"tts_first_audio": 20.0, "first_audio": 40.0})  # a greeting
+    histogram = "avatalk_turn_latency_seconds"
+    assert value(metrics, f"{histogram}_count", stage="first_audio", input="voice") == 1
+    assert value(metrics, f"{histogram}_sum", stage="first_audio", input="voice") == pytest.approx(0.48)
+    assert value(metrics, f"{histogram}_bucket", stage="asr_final", input="voice", le="0.15") == 1
+    assert value(metrics, f"{histogram}_count", stage="first_frame", input="text") == 1
+    assert value(metrics, f"{histogram}_count", stage="first_audio", input="text") == 1
+    assert value(metrics, f"{histogram}_count", stage="tts_first_audio", input="text") == 0
+
+
+async def test_frames_are_counted_and_late_ones_spotted(monkeypatch: pytest.MonkeyPatch) -> None:
+    metrics = Metrics()
+    inner = RecordingOutput()
+    output = metrics.observe(inner, "ws")
+    now = [100.0]
+    monkeypatch.setattr(observability.time, "monotonic", lambda: now[0])
+    frame = np.zeros((4, 4, 3), np.uint8)
+    audio = np.zeros(960, np.float32)
+    # Ticks 0-2 on time; tick 3 sent 100 ms late; tick 4 on time again; audio-only ticks are not frames.
+    for tick, delay in [(0, 0.0), (1, 0.001), (2, 0.0), (3, 0.1), (4, 0.0)]:
+        now[0] = 100.0 + tick * TICK_S + delay
+        await output.send_tick(tick, audio if tick >= 2 else None, frame)
+    await output.send_tick(5, audio, None)
+    assert inner.ticks == [0, 1, 2, 3, 4, 5]
+    assert value(metrics, "avatalk_frames_total", kind="idle") == 2
+    assert value(metrics, "avatalk_frames_total", kind="speaking") == 3
+    assert value(metrics, "avatalk_late_frames_total") == 1
+    # The clock re-anchors when far behind: one late frame, then the new timeline is on time.
+    for tick, delay in [(6, 2.0), (7, 2.0), (8, 2.0)]:
+        now[0] = 100.0 + tick * TICK_S + delay
+        await output.send_tick(tick, None, frame)
+    assert value(metrics, "avatalk_late_frames_total") == 2
+
+
+def fake_app_state(app: FastAPI, active: int, webrtc: int, jobs: list[str] | None) -> None:
+    app.state.sessions = SimpleNamespace(active=active, capacity=8)
+    app.state.webrtc_calls = {f"call-{i}": object() for i in range(webrtc)}
+    if jobs is not None:
+        listed = [SimpleNamespace(state=state) for state in jobs]
+        store = SimpleNamespace(list=lambda **kwargs: [job for job in listed if job.state in kwargs["states"]])
+        app.state.jobs = SimpleNamespace(store=store)
+
+
+async def scrape(app: FastAPI, accept: str | None = None) -> httpx.Response:
+    headers = {"Accept": accept} if accept else {}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as http:
+        return await http.get("/metrics", headers=headers)
+
+
+async def test_metrics_route_reads_sessions_and_jobs_at_scrape_time() -> None:
+    from avatalk.avatars.jobs import JobState
+
+    app = FastAPI()
+    metrics = setup_metrics(app)
+    fake_app_state(app, active=3, webrtc=1, jobs=[JobState.QUEUED, JobState.QUEUED, JobState.RUNNING])
+    metrics.record_error("invalid_json")
+    response = await scrape(app)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert 'avatalk_active_sessions{transport="ws"} 2.0' in text
+    assert 'avatalk_active_sessions{transport="webrtc"} 1.0' in text
+    assert "avatalk_session_capacity 8.0" in text
+    assert 'avatalk_jobs{state="queued"} 2.0' in text
+    assert 'avatalk_jobs{state="running"} 1.0' in text
+    assert 'avatalk_errors_total{code="invalid_json"} 1.0' in text
+    assert "# TYPE avatalk_turn_latency_seconds histogram" in text
+    fake_app_state(app, active=0, webrtc=0, jobs=None)
+    assert 'avatalk_active_sessions{transport="ws"} 0.0' in (await scrape(app)).text
+    openmetrics = await scrape(app, "application/openmetrics-text; version=1.0.0")
+    assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
+    assert openmetrics.text.rstrip().endswith("# EOF")
+
+
+async def test_two_apps_keep_their_own_metrics() -> None:
+    first, second = FastAPI(), FastAPI()
+    setup_metrics(first).record_error("invalid_json")
+    setup_metrics(second)
+    assert 'code="invalid_json"' in (await scrape(first)).text
+    assert 'code="invalid_json"' not in (await scrape(second)).text
+
+
+@pytest.fixture
+def json_log() -> Iterator[tuple[logging.Logger, io.StringIO]]:
+    """A logger writing JSON lines (with the context filter) to a string."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    handler.addFilter(ContextFilter())
+    log = logging.getLogger("avatalk.test_observability")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield log, stream
+    finally:
+        log.removeHandler(handler)
+
+
+def lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+async def test_json_logs_carry_the_ids_of_the_task_that_logged(json_log: tuple[logging.Logger, io.StringIO]) -> None:
+    log, stream = json_log
+
+    async def session(session_id: str) -> None:
+        session_id_var.set(session_id)
+        log.info("session %s opened", session_id)
+
+        async def turn() -> None:
+            log.info("replying")
+
+        await asyncio.create_task(turn(), context=turn_context(7))
+        log.info("after the turn")
+
+    await asyncio.gather(asyncio.create_task(session("s1")), asyncio.create_task(session("s2")))
+    log.info("outside", extra={"session_id": "explicit", "sessions": 2})
+    records = lines(stream)
+    by_message = {(r["message"], r.get("session_id")): r for r in records}
+    assert by_message[("session s1 opened", "s1")].get("turn_id") is None
+    assert by_message[("replying", "s2")]["turn_id"] == 7
+    assert "turn_id" not in by_message[("after the turn", "s1")]
+    outside = by_message[("outside", "explicit")]
+    assert outside["sessions"] == 2 and outside["level"] == "INFO"
+    assert outside["logger"] == "avatalk.test_observability"
+    assert str(outside["time"]).endswith("+00:00")
+    assert session_id_var.get() is None and turn_id_var.get() is None
+
+
+def test_json_logs_include_exceptions(json_log: tuple[logging.Logger, io.StringIO]) -> None:
+    log, stream = json_log
+    try:
+        raise ValueError("bad frame")
+    except ValueError:
+        log.exception("turn failed")
+    (record,) = lines(stream)
+    assert record["message"] == "turn failed" and record["level"] == "ERROR"
+    assert "ValueError: bad frame" in str(record["exception"])
+
+
+def test_configure_logging_installs_one_handler_and_routes_uvicorn(capsys: pytest.CaptureFixture[str]) -> None:
+    root = logging.getLogger()
+    before = list(root.handlers), root.level
+    try:
+        configure_logging("info", json=False)
+        configure_logging("debug", json=True)
+        ours = [h for h in root.handlers if h not in before[0]]
+        assert len(ours) == 1 and isinstance(ours[0].formatter, JsonFormatter)
+        assert root.level == logging.DEBUG
+        uvicorn_error = logging.getLogger("uvicorn.error")
+        assert uvicorn_error.propagate and not uvicorn_error.handlers
+        token = session_id_var.set("abc123")
+        try:
+            logging.getLogger("uvicorn.error").warning("hello %s", "there")
+        finally:
+            session_id_var.reset(token)
+        record = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+        assert record["message"] == "hello there" and record["session_id"] == "abc123"
+    finally:
+        for handler in [h for h in root.handlers if h not in before[0]]:
+            root.removeHandler(handler)
+        root.setLevel(before[1])
+
+
+def test_text_format_appends_ids() -> None:
+    formatter = observability.TextFormatter()
+    record = logging.LogRecord("avatalk.x", logging.INFO, __file__, 1, "latency %s", ({"first_audio": 1.0},), None)
+    record.session_id, record.turn_id = "abc", 3
+    assert formatter.format(record).endswith("avatalk.x: latency {'first_audio': 1.0} [session_id=abc turn_id=3]")
+
