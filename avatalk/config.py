@@ -65,6 +65,9 @@ class ASRSettings(BaseModel):
     language: str | None = Field("en", description="language code, or empty for auto-detection")
     beam_size: int = Field(1, ge=1, le=10)
     partial_interval_ms: int = Field(500, ge=100, le=5000, description="how often partial transcripts are produced")
+    short_context: bool = Field(
+        True, description="encode only the utterance instead of a padded 30 s window (5-8x faster; needs a language)"
+    )
 
 
 class LLMSettings(BaseModel):

@@ -74,3 +74,26 @@ async def test_partials_are_rate_limited(asr, speech):
 def test_ends_sentence():
     assert ends_sentence("Hello there.") and ends_sentence("Really?") and ends_sentence('He said "stop!"')
     assert not ends_sentence("and then") and not ends_sentence("")
+
+
+def test_cut_repetition():
+    from avatalk.streaming.asr import cut_repetition
+
+    assert cut_repetition([1, 2, 3, 4, 1, 2, 3, 4, 1, 2]) == [1, 2, 3, 4]
+    assert cut_repetition([1, 2, 3, 4, 5]) == [1, 2, 3, 4, 5]
+    assert cut_repetition([7, 7, 7]) == [7, 7, 7]  # "no, no, no" is not a loop of the whole text
+
+
+@pytest.mark.parametrize(
+    "sentence",
+    ["What is the capital of France?", "Tell me a fun fact about cats.", "I would like to book a table for two people tonight."],
+)
+def test_short_context_matches_the_full_window(sentence, speech, asr, full_window_asr):
+    assert asr.settings.short_context and not full_window_asr.settings.short_context
+    audio = speech(sentence)
+    assert normalise(asr.transcribe(audio)) == normalise(full_window_asr.transcribe(audio))
+
+
+@pytest.fixture(scope="module")
+def full_window_asr() -> WhisperASR:
+    return WhisperASR(Settings().asr_model_path(), ASRSettings(short_context=False))

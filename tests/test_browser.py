@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import http.server
+import importlib.util
 import re
 import threading
 import time
@@ -17,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -28,6 +30,9 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
         not CHROMIUM.exists(), reason="/usr/bin/chromium is missing (`make browser` or `apt-get install chromium`)"
+    ),
+    pytest.mark.skipif(
+        importlib.util.find_spec("playwright") is None, reason="Playwright is not installed (pip install -e '.[dev]')"
     ),
 ]
 
@@ -62,9 +67,9 @@ def server(live_server_factory):
 @pytest.fixture(scope="module")
 def question_wav(speech, tmp_path_factory) -> Path:
     voice = speech("What is two plus two?", WAV_RATE)
-    audio = np.concatenate(
-        [np.zeros(int(LEAD_SILENCE_S * WAV_RATE), np.float32), voice, np.zeros(int(TRAIL_SILENCE_S * WAV_RATE), np.float32)]
-    )
+    lead = np.zeros(int(LEAD_SILENCE_S * WAV_RATE), np.float32)
+    trail = np.zeros(int(TRAIL_SILENCE_S * WAV_RATE), np.float32)
+    audio = np.concatenate([lead, voice, trail])
     path = tmp_path_factory.mktemp("browser") / "question.wav"
     write_wav(path, audio, WAV_RATE)
     return path
@@ -92,7 +97,11 @@ async def chromium(microphone: Path, profile: Path) -> AsyncIterator[object]:
     ]
     async with async_playwright() as playwright:
         context = await playwright.chromium.launch_persistent_context(
-            str(profile), executable_path=str(CHROMIUM), headless=True, args=args, viewport={"width": 1100, "height": 760}
+            str(profile),
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=args,
+            viewport={"width": 1100, "height": 760},
         )
         try:
             page = context.pages[0] if context.pages else await context.new_page()
@@ -115,6 +124,11 @@ async def until(page, predicate: Callable[[dict], object], timeout: float, what:
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}; page status: {status}")
 
 
+def said(caption: dict) -> bool:
+    """An assistant caption with text (an interrupted one keeps what the LLM had produced)."""
+    return bool((caption["text"] or caption["generated"]).strip())
+
+
 def user_turns(status: dict, words: str) -> list[int]:
     return [
         c["turn"] for c in status["captions"] if c["role"] == "user" and c["final"] and words in normalise(c["text"])
@@ -133,7 +147,7 @@ async def test_spoken_question_gets_an_answer_with_video(server, question_wav, t
         # The answer: assistant text for that turn (or a later repeat of the question).
         def answered(s: dict) -> bool:
             return any(
-                c["role"] == "assistant" and c["turn"] is not None and c["turn"] >= asked and (c["text"] or c["generated"]).strip()
+                c["role"] == "assistant" and c["turn"] is not None and c["turn"] >= asked and said(c)
                 for c in s["captions"]
             )
 
@@ -143,16 +157,16 @@ async def test_spoken_question_gets_an_answer_with_video(server, question_wav, t
         status = await until(page, lambda s: s["state"] == "speaking", 90, "the avatar speaking")
         first = status["frames"]
         await until(page, lambda s: s["frames"] >= first + 5, 15, "video frames decoded while speaking")
-        size = await page.evaluate("() => [document.getElementById('remote-video').videoWidth, document.getElementById('remote-video').videoHeight]")
+        size = await page.evaluate("() => { const v = document.getElementById('remote-video'); "
+                                   "return [v.videoWidth, v.videoHeight]; }")
         assert min(size) > 0, size
 
         # Latency of a reply to the user: the marks, and the first frame shown in the page.
-        status = await until(
-            page,
-            lambda s: s["latency"] and s["latency"]["turn_id"] >= asked and s["latency"]["first_frame_shown_ms"] is not None,
-            90,
-            "the latency of an answer with its first frame shown",
-        )
+        def shown_latency(s: dict) -> bool:
+            latency = s["latency"]
+            return bool(latency) and latency["turn_id"] >= asked and latency["first_frame_shown_ms"] is not None
+
+        status = await until(page, shown_latency, 90, "the latency of an answer with its first frame shown")
         marks = status["latency"]["marks_ms"]
         assert {"asr_final", "llm_first_token", "first_audio", "first_frame"} <= set(marks), marks
         shown = status["latency"]["first_frame_shown_ms"]
@@ -171,9 +185,7 @@ async def test_spoken_question_gets_an_answer_with_video(server, question_wav, t
 
         def typed_answer(s: dict) -> bool:
             typed = [i for i, c in enumerate(s["captions"]) if c["role"] == "user" and c["text"] == "Say hello."]
-            return bool(typed) and any(
-                c["role"] == "assistant" and (c["text"] or c["generated"]).strip() for c in s["captions"][typed[-1] + 1 :]
-            )
+            return bool(typed) and any(c["role"] == "assistant" and said(c) for c in s["captions"][typed[-1] + 1 :])
 
         await until(page, typed_answer, 90, "an answer to the typed message")
         assert len((await page.evaluate(STATUS_JS))["captions"]) > before
@@ -202,6 +214,36 @@ async def test_refused_offer_shows_the_reason_and_retry(server, question_wav, tm
         await retry.click()
         await until(page, lambda s: s["state"] == "error" and s["error"] is not None, 30, "the error again after Retry")
         assert await message.is_visible()
+        assert not server.app.state.webrtc_calls
+        assert page.errors == []  # type: ignore[attr-defined]
+
+
+async def test_session_token_opens_the_call(live_server_factory, question_wav, tmp_path):
+    from avatalk.server.auth import hash_key
+
+    key = "browser-test-key-0123456789abcdef"
+    server = live_server_factory(
+        webrtc={"host_addresses": ["127.0.0.1"]}, auth={"api_keys": [{"name": "site", "sha256": hash_key(key)}]}
+    )
+    async with httpx.AsyncClient(base_url=server.base_url) as http:
+        minted = await http.post("/v1/tokens", json={"ttl_s": 120}, headers={"Authorization": f"Bearer {key}"})
+    assert minted.status_code == 200, minted.text
+    token = minted.json()["token"]
+    async with chromium(question_wav, tmp_path / "profile") as page:
+        # Without a token the server refuses, and the page says so.
+        await page.goto(server.base_url + "/?autostart=1&aec=0&greeting=0")
+        status = await until(page, lambda s: s["state"] == "error", 30, "the refusal without a token")
+        assert await page.locator("#error-title").text_content() == "Not authorised"
+        assert "key" in status["error"]["message"]
+        # With one, the call connects; the token leaves the address bar.
+        await page.goto(server.base_url + f"/?autostart=1&aec=0&greeting=0&token={token}")
+        await until(page, lambda s: s["connection"] == "connected", 30, "the call with a token")
+        assert "token" not in page.url
+        assert len(server.app.state.webrtc_calls) == 1
+        await page.click("#hangup")
+        deadline = time.monotonic() + 10
+        while server.app.state.webrtc_calls and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
         assert not server.app.state.webrtc_calls
         assert page.errors == []  # type: ignore[attr-defined]
 

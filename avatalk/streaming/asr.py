@@ -23,6 +23,10 @@ from avatalk.config import ASRSettings
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
+FULL_WINDOW_FRAMES = 3000  # Whisper's 30 s window in 10 ms feature frames
+MAX_SHORT_SAMPLES = 28 * SAMPLE_RATE  # longer audio (with its padding) needs the full window
+SHORT_CONTEXT_PAD_S = 2.0  # trailing silence lets the decoder see that speech has ended
+MAX_TOKENS_PER_SECOND = 8  # fast speech is ~4 tokens/s; the bound stops runaway repetition
 _SENTENCE_END = re.compile(r"[.!?…]['\")\]]*\s*$")
 
 
@@ -55,19 +59,23 @@ class WhisperASR:
         """Transcribe 16 kHz float32 audio. Blocking: call from a worker thread."""
         if len(audio) < SAMPLE_RATE // 10:
             return ""
+        audio = audio.astype(np.float32, copy=False)
         waited = time.perf_counter()
         with self._lock:
             started = time.perf_counter()
-            segments, _info = self.model.transcribe(
-                audio.astype(np.float32, copy=False),
-                language=self.settings.language or None,
-                beam_size=self.settings.beam_size,
-                condition_on_previous_text=False,
-                without_timestamps=True,
-                vad_filter=False,
-                temperature=0.0,
-            )
-            text = " ".join(segment.text.strip() for segment in segments)
+            if self.settings.short_context and self.settings.language and len(audio) < MAX_SHORT_SAMPLES:
+                text = self._transcribe_short(audio)
+            else:
+                segments, _info = self.model.transcribe(
+                    audio,
+                    language=self.settings.language or None,
+                    beam_size=self.settings.beam_size,
+                    condition_on_previous_text=False,
+                    without_timestamps=True,
+                    vad_filter=False,
+                    temperature=0.0,
+                )
+                text = " ".join(segment.text.strip() for segment in segments)
         logger.debug(
             "transcribed %.2f s of audio in %.0f ms (waited %.0f ms)",
             len(audio) / SAMPLE_RATE,
@@ -75,6 +83,41 @@ class WhisperASR:
             (started - waited) * 1000,
         )
         return text.strip()
+
+    def _transcribe_short(self, audio: np.ndarray) -> str:
+        """Encode only the utterance (plus trailing silence), not a 30 s window.
+
+        faster-whisper always pads the encoder input to 30 s, which makes a
+        one-second question cost as much as thirty seconds of speech. The
+        CTranslate2 encoder accepts shorter input (like whisper.cpp's
+        ``audio_ctx``); trained on 30 s windows, the decoder then tends to
+        repeat itself instead of ending, so the output is bounded by the audio
+        length and cut where it starts to loop.
+        """
+        from faster_whisper.tokenizer import Tokenizer
+
+        padded = np.concatenate([audio, np.zeros(int(SHORT_CONTEXT_PAD_S * SAMPLE_RATE), dtype=np.float32)])
+        features = self.model.feature_extractor(padded)[:, :FULL_WINDOW_FRAMES]
+        tokenizer = Tokenizer(
+            self.model.hf_tokenizer, self.model.model.is_multilingual, task="transcribe", language=self.settings.language
+        )
+        prompt = [*tokenizer.sot_sequence, tokenizer.no_timestamps]
+        max_length = len(prompt) + int(len(audio) / SAMPLE_RATE * MAX_TOKENS_PER_SECOND) + 8
+        result = self.model.model.generate(
+            self.model.encode(features), [prompt], beam_size=self.settings.beam_size, max_length=max_length,
+            suppress_blank=True,
+        )
+        tokens = [token for token in result[0].sequences_ids[0] if token < tokenizer.eot]
+        return tokenizer.decode(cut_repetition(tokens))
+
+
+def cut_repetition(tokens: list[int], min_period: int = 3) -> list[int]:
+    """Drop a tail that restarts the text from its beginning ("Hi there. Hi there. Hi")."""
+    for period in range(min_period, len(tokens) - 1):
+        overlap = min(period, len(tokens) - period)
+        if overlap >= 2 and tokens[period : period + overlap] == tokens[:overlap]:
+            return tokens[:period]
+    return tokens
 
 
 class TurnTranscriber:

@@ -25,7 +25,23 @@ const options = {
   persona: parsePersona(params.get("persona")),
   showLatency: flag("latency"),
   text: flag("text", true),
+  // A short-lived session token minted by the site's backend (POST /v1/tokens), when the
+  // server has API keys. Sent as a Bearer header; removed from the address bar.
+  token: params.get("token") || "",
 };
+
+if (options.token) {
+  params.delete("token");
+  const query = params.toString();
+  history.replaceState(history.state, "", location.pathname + (query ? `?${query}` : "") + location.hash);
+}
+
+/** fetch() with the session token, if the page has one. */
+function api(path, init = {}) {
+  const headers = new Headers(init.headers || {});
+  if (options.token) headers.set("Authorization", `Bearer ${options.token}`);
+  return fetch(path, { ...init, headers });
+}
 
 function parsePersona(raw) {
   if (!raw) return null;
@@ -215,13 +231,13 @@ function updateConn() {
 
 async function loadConfig() {
   try {
-    const response = await fetch("v1/webrtc/config", { cache: "no-store" });
+    const response = await api("v1/webrtc/config", { cache: "no-store" });
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     config = { ...config, ...(await response.json()) };
   } catch (error) {
     console.warn("avatalk: GET v1/webrtc/config failed (%s); trying v1/avatars", error.message);
     try {
-      const response = await fetch("v1/avatars", { cache: "no-store" });
+      const response = await api("v1/avatars", { cache: "no-store" });
       if (response.ok) {
         const body = await response.json();
         config.avatars = (body.avatars || []).map((a) => ({ id: a.id, display_name: a.display_name || a.id }));
@@ -279,6 +295,8 @@ async function startCall() {
   hideTap();
   avatalk.sessionId = null;
   avatalk.connectionState = "new";
+  call.framesDecoded = call.framesPresented = 0;
+  call.fatal = null;
   setPhase("connecting");
   try {
     await connect(generation);
@@ -359,10 +377,7 @@ async function connect(generation) {
     postToParent({ type: "connected" });
   };
   dc.onclose = () => {
-    if (!stale() && call.phase === "connected") {
-      teardown();
-      showError(new CallError("The server closed the call.", { title: "Call ended", kind: "closed" }));
-    }
+    if (!stale() && call.phase === "connected") endedByServer();
   };
 
   await pc.setLocalDescription(await pc.createOffer());
@@ -377,7 +392,7 @@ async function connect(generation) {
 
   let response;
   try {
-    response = await fetch("v1/webrtc/offer", {
+    response = await api("v1/webrtc/offer", {
       method: "POST",
       headers: { "content-type": "application/json" },
       body: JSON.stringify(body),
@@ -389,9 +404,15 @@ async function connect(generation) {
   const answer = await response.json().catch(() => null);
   if (!response.ok) {
     const detail = describeDetail(answer?.detail) || `${response.status} ${response.statusText}`.trim();
+    const auth = response.status === 401 || response.status === 403;
     throw new CallError(detail, {
-      title: response.status === 503 ? "The server is busy" : "The call was refused",
-      hint: response.status === 503 ? "All call slots are taken or the server is still starting. Try again in a moment." : "",
+      title: response.status === 503 ? "The server is busy" : auth ? "Not authorised" : "The call was refused",
+      hint:
+        response.status === 503
+          ? "All call slots are taken or the server is still starting. Try again in a moment."
+          : auth
+            ? "This server needs a session token from the site that sent you here (?token=...). Reload that page to get a fresh one."
+            : "",
       kind: `http_${response.status}`,
       retryable: true,
     });
@@ -470,7 +491,7 @@ function teardown({ notifyServer = true } = {}) {
   clearTimeout(call.disconnectTimer);
   stopMeter();
   if (notifyServer && call.sessionId) {
-    fetch(`v1/webrtc/${encodeURIComponent(call.sessionId)}`, { method: "DELETE", keepalive: true }).catch(() => {});
+    api(`v1/webrtc/${encodeURIComponent(call.sessionId)}`, { method: "DELETE", keepalive: true }).catch(() => {});
   }
   call.sessionId = null;
   try {
@@ -484,6 +505,28 @@ function teardown({ notifyServer = true } = {}) {
   el.video.srcObject = null;
   avatalk.connectionState = "closed";
   el.tile.classList.remove("has-video");
+}
+
+/** The server ended the call (its data channel closed, or a fatal error event). */
+function endedByServer() {
+  if (call.phase !== "connected") return;
+  const fatal = call.fatal;
+  call.fatal = null;
+  teardown({ notifyServer: !fatal });
+  closeOpenCaptions();
+  if (fatal && (fatal.code === "idle_timeout" || fatal.code === "session_expired")) {
+    setPhase("ended");
+    toast(fatal.message, "info");
+    postToParent({ type: "ended", reason: fatal.code });
+    if (options.kiosk) showTap("Tap to start");
+    return;
+  }
+  showError(
+    new CallError(fatal?.message || "The server closed the call.", {
+      title: fatal?.code === "server_shutdown" ? "The server is restarting" : "Call ended",
+      kind: fatal?.code || "closed",
+    }),
+  );
 }
 
 function hangUp() {
@@ -717,7 +760,17 @@ function onServerEvent(raw) {
       onLatency(event);
       break;
     case "error":
-      if (event.code !== "no_response") toast(event.message || event.code || "The server reported an error.", "error");
+      if (event.fatal) {
+        // The server ends the session (idle, too long, shutting down): it says why first.
+        call.fatal = event;
+        toast(event.message || "The server is ending the call.", "error");
+        if (event.code !== "server_shutdown") setTimeout(() => call.fatal === event && endedByServer(), 1500);
+      } else if (event.code !== "no_response") {
+        toast(event.message || event.code || "The server reported an error.", "error");
+      }
+      break;
+    case "warning":
+      console.warn("avatalk server warning:", event.code, event.message);
       break;
     default:
       break;
@@ -904,7 +957,8 @@ async function onLatency(event) {
 function renderLatency(latest) {
   const values = { ...latest.marks_ms, first_frame_shown: latest.first_frame_shown_ms };
   const max = Math.max(1, ...Object.values(values).filter((v) => typeof v === "number"));
-  const rows = MARKS.filter(([key]) => typeof values[key] === "number" || key === "first_frame_shown").map(([key, label]) => {
+  const pending = (key) => key === "first_frame_shown" && typeof values.first_frame === "number";
+  const rows = MARKS.filter(([key]) => typeof values[key] === "number" || pending(key)).map(([key, label]) => {
     const value = values[key];
     const row = document.createElement("tr");
     row.dataset.mark = key;

@@ -26,7 +26,9 @@
     return !/^(0|false|no|off)$/i.test(String(value));
   }
 
-  var base = new URL("./", data.host ? new URL(data.host, location.href) : script ? script.src : location.href);
+  var base = data.host
+    ? new URL(data.host.replace(/\/*$/, "/"), location.href)
+    : new URL("./", script ? script.src : location.href);
   var positions = ["bottom-right", "bottom-left", "top-right", "top-left"];
   var defaults = {
     avatar: data.avatar || "",
@@ -38,6 +40,11 @@
     persona: data.persona || "",
     aec: bool(data.aec, true),
     open: bool(data.open, false),
+    // A session token for servers with API keys: data-token, or ?token= on the script's
+    // URL; or data-token-url, the site's own endpoint answering {"token": "..."}, asked
+    // for a fresh token each time the call opens (tokens live a few minutes).
+    token: data.token || (script && script.src ? new URL(script.src).searchParams.get("token") : "") || "",
+    tokenUrl: data.tokenUrl || "",
   };
 
   var CSS =
@@ -78,7 +85,7 @@
   var CLOSE =
     '<svg class="x" viewBox="0 0 24 24" aria-hidden="true"><path d="M19 6.41 17.59 5 12 10.59 6.41 5 5 6.41 10.59 12 5 17.59 6.41 19 12 13.41 17.59 19 19 17.59 13.41 12z"/></svg>';
 
-  var host, root, launcher, panel, frame, current, listeners = {};
+  var host, root, launcher, panel, frame, current, opening = null, listeners = {};
 
   function emit(type, detail) {
     (listeners[type] || []).slice().forEach(function (fn) {
@@ -127,6 +134,7 @@
     if (!opts.greeting) url.searchParams.set("greeting", "0");
     if (!opts.aec) url.searchParams.set("aec", "0");
     if (opts.persona) url.searchParams.set("persona", typeof opts.persona === "string" ? opts.persona : JSON.stringify(opts.persona));
+    if (opts.token) url.searchParams.set("token", opts.token);
     return url.href;
   }
 
@@ -148,6 +156,24 @@
     open: function (options) {
       build();
       var opts = Object.assign({}, defaults, options || {});
+      if (opts.tokenUrl && !(options && options.token)) {
+        var pending = (opening = {});
+        return fetch(opts.tokenUrl, { credentials: "include", headers: { Accept: "application/json" } })
+          .then(function (response) {
+            return response.ok ? response.json() : Promise.reject(new Error("HTTP " + response.status));
+          })
+          .then(function (body) { return body && body.token; })
+          .catch(function (error) {
+            console.error("avatalk: could not get a session token from " + opts.tokenUrl, error);
+            return opts.token;
+          })
+          .then(function (token) {
+            if (opening !== pending) return; // closed or reopened meanwhile
+            opening = null;
+            api.open(Object.assign({}, options || {}, { token: token || "", tokenUrl: "" }));
+          });
+      }
+      opening = null;
       if (frame && current === pageUrl(opts)) return;
       if (frame) api.close();
       current = pageUrl(opts);
@@ -176,6 +202,7 @@
     },
     /** Hang up and remove the call. */
     close: function () {
+      opening = null;
       if (!frame) return;
       var old = frame;
       frame = null;
@@ -201,7 +228,7 @@
       api.isOpen() ? api.close() : api.open(options);
     },
     isOpen: function () {
-      return !!frame;
+      return !!frame || !!opening;
     },
     /** Events: "open", "close", "state" ({state}), "connected", "error" ({message}), "hangup". */
     on: function (type, fn) {
