@@ -76,6 +76,7 @@ class _Response:
     finished_generating: bool = False
     task: asyncio.Task[None] | None = None
     interrupted_at: float | None = None
+    audio_pending: bool = False  # the user's audio is still being transcribed
 
     def mark(self, name: str) -> None:
         self.marks.setdefault(name, time.monotonic())
@@ -423,7 +424,14 @@ class ConversationSession:
 
     async def _while_speaking(self) -> None:
         """Barge-in and partial transcripts while the user talks."""
-        if self._response is not None and self._turns.speech_ms >= self.settings.turns.barge_in_ms:
+        response = self._response
+        # While the previous turn is still being transcribed, more speech is the user going on,
+        # not an interruption: cancelling now would lose their question (it is merged instead).
+        if (
+            response is not None
+            and not response.audio_pending
+            and self._turns.speech_ms >= self.settings.turns.barge_in_ms
+        ):
             await self.interrupt("barge_in")
         # No partials during a pause: the pause's own early pass must get the recogniser at once.
         if self._turns.silence_ms == 0 and self._asr.partial_due(self._turns.utterance_samples):
@@ -527,7 +535,9 @@ class ConversationSession:
         turn_id = response.turn_id
         if audio is not None:
             await self._set_state("thinking")
+            response.audio_pending = True
             text = await self._asr.final(audio, early)
+            response.audio_pending = False
             response.mark("asr_final")
             await self.output.send_event("input_audio_transcription.completed", turn_id=turn_id, transcript=text)
             if not text.strip():
