@@ -84,7 +84,9 @@ class LLMSettings(BaseModel):
     context_tokens: int = Field(2048, ge=256)
     history_turns: int = Field(8, ge=0, description="user/assistant exchanges kept in the dialogue history")
     history_tokens: int = Field(1024, ge=64, description="approximate token budget for the dialogue history")
-    threads: int = Field(2, ge=1)
+    threads: int = Field(
+        1, ge=1, description="llama.cpp threads; 1 leaves a core to ASR/TTS/rendering, which lowers latency on 2 cores"
+    )
     timeout_s: float = Field(20.0, gt=0, description="connect/read timeout for remote servers")
     first_token_timeout_s: float = Field(15.0, gt=0, description="a reply whose first token takes longer fails over")
 
@@ -97,6 +99,9 @@ class TTSSettings(BaseModel):
     api_key: str | None = None
     timeout_s: float = Field(20.0, gt=0, description="longest a sentence may take to synthesise (any backend)")
     max_sentence_chars: int = Field(160, ge=20, description="longer sentences are split at clause boundaries")
+    first_chunk_chars: int = Field(
+        60, ge=20, description="the reply's first piece is cut sooner (at a clause) so speech starts sooner"
+    )
     min_sentence_chars: int = Field(12, ge=1, description="shorter sentences are merged with the next one")
 
 

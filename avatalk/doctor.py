@@ -58,7 +58,7 @@ class Passed:
     hint: str | None = None
 
 
-class CheckFailed(Exception):
+class CheckError(Exception):
     """Raised by a check: what is wrong, and what to do about it."""
 
     def __init__(self, detail: str, hint: str) -> None:
@@ -82,7 +82,7 @@ def _located(locate: Callable[[], Path], hint: str) -> Path:
     try:
         return locate()
     except FileNotFoundError as error:
-        raise CheckFailed(str(error), hint) from None
+        raise CheckError(str(error), hint) from None
 
 
 def check_vad(settings: Settings) -> Passed:
@@ -92,13 +92,13 @@ def check_vad(settings: Settings) -> Passed:
     )
     path = _located(settings.vad_model_path, hint)
     if not path.is_file():
-        raise CheckFailed(f"{path} does not exist", hint)
+        raise CheckError(f"{path} does not exist", hint)
     from avatalk.streaming.vad import SileroVAD
 
     try:
         SileroVAD(path)
     except Exception as error:  # onnxruntime raises its own exception types for unreadable models
-        raise CheckFailed(f"onnxruntime cannot load {path}: {error}", hint) from None
+        raise CheckError(f"onnxruntime cannot load {path}: {error}", hint) from None
     return Passed(str(path))
 
 
@@ -109,13 +109,13 @@ def check_asr(settings: Settings) -> Passed:
     )
     path = _located(settings.asr_model_path, hint)
     if not (path / "model.bin").is_file():
-        raise CheckFailed(f"no model.bin in {path}", hint)
+        raise CheckError(f"no model.bin in {path}", hint)
     from avatalk.streaming.asr import WhisperASR
 
     try:
         WhisperASR(path, settings.asr)
     except Exception as error:  # CTranslate2 raises RuntimeError/ValueError for bad models and devices
-        raise CheckFailed(f"faster-whisper cannot load {path} on {settings.asr.device}: {error}", hint) from None
+        raise CheckError(f"faster-whisper cannot load {path} on {settings.asr.device}: {error}", hint) from None
     return Passed(f"{path} ({settings.asr.device}, {settings.asr.compute_type})")
 
 
@@ -127,11 +127,11 @@ def _probe(url: str, api_key: str | None, hint: str) -> httpx.Response:
     try:
         return httpx.get(url, headers=headers, timeout=PROBE_TIMEOUT_S)
     except httpx.ConnectError as error:
-        raise CheckFailed(f"{url} is unreachable: {connect_failure_reason(error)}", hint) from None
+        raise CheckError(f"{url} is unreachable: {connect_failure_reason(error)}", hint) from None
     except httpx.TimeoutException:
-        raise CheckFailed(f"{url} did not answer within {PROBE_TIMEOUT_S:g} s", hint) from None
+        raise CheckError(f"{url} did not answer within {PROBE_TIMEOUT_S:g} s", hint) from None
     except httpx.HTTPError as error:
-        raise CheckFailed(f"{url} failed: {error}", hint) from None
+        raise CheckError(f"{url} failed: {error}", hint) from None
 
 
 def _check_openai_llm(settings: Settings) -> Passed:
@@ -143,13 +143,13 @@ def _check_openai_llm(settings: Settings) -> Passed:
     )
     response = _probe(url, llm.api_key, hint)
     if response.status_code in (401, 403):
-        raise CheckFailed(f"{url} refused the request (HTTP {response.status_code})", "set AVATALK_LLM__API_KEY")
+        raise CheckError(f"{url} refused the request (HTTP {response.status_code})", "set AVATALK_LLM__API_KEY")
     if response.status_code >= 400:
-        raise CheckFailed(f"{url} answered HTTP {response.status_code}", hint)
+        raise CheckError(f"{url} answered HTTP {response.status_code}", hint)
     try:
         served = [str(model.get("id")) for model in response.json().get("data", [])]
     except (ValueError, AttributeError):
-        raise CheckFailed(f"{url} did not answer with an OpenAI model list", hint) from None
+        raise CheckError(f"{url} did not answer with an OpenAI model list", hint) from None
     detail = f"{url}: serves {', '.join(served) or 'no models'}"
     if served and llm.model not in served:
         return Passed(detail, f"llm.model {llm.model!r} is not among them; set AVATALK_LLM__MODEL")
@@ -172,13 +172,13 @@ def check_llm(settings: Settings) -> Passed:
         )
         path = _located(settings.llm_model_path, hint)
         if not path.is_file():
-            raise CheckFailed(f"{path} does not exist", hint)
+            raise CheckError(f"{path} does not exist", hint)
     from avatalk.llm import create_llm
 
     try:
         model = create_llm(settings)
     except Exception as error:  # LLMError, or whatever the library raises for an unusable model
-        raise CheckFailed(str(error), hint) from None
+        raise CheckError(str(error), hint) from None
     asyncio.run(model.aclose())
     where = settings.llm_model_path() if backend == "llama-cpp" else settings.llm.model_path
     return Passed(f"{backend}: {where}")
@@ -191,7 +191,7 @@ def check_tts(settings: Settings) -> Passed:
         hint = "start the OpenAI-compatible speech server or point AVATALK_TTS__BASE_URL at it"
         response = _probe(url, settings.tts.api_key, hint)
         if response.status_code >= 500:
-            raise CheckFailed(f"{url} answered HTTP {response.status_code}", hint)
+            raise CheckError(f"{url} answered HTTP {response.status_code}", hint)
         # Not every speech server lists models: any answer shows the server is there.
         return Passed(f"{settings.tts.base_url} answers (HTTP {response.status_code} for /models)")
     if backend == "espeak":
@@ -203,13 +203,13 @@ def check_tts(settings: Settings) -> Passed:
         )
         path = _located(settings.tts_model_path, hint)
         if not path.is_file():
-            raise CheckFailed(f"{path} does not exist", hint)
+            raise CheckError(f"{path} does not exist", hint)
     from avatalk.tts import create_tts
 
     try:
         voice = create_tts(settings)
     except Exception as error:  # TTSError, or the library's own error for an unusable voice
-        raise CheckFailed(str(error), hint) from None
+        raise CheckError(str(error), hint) from None
     asyncio.run(voice.aclose())
     where = settings.tts_model_path() if backend == "piper" else "espeak-ng"
     return Passed(f"{backend}: {where} ({voice.sample_rate} Hz)")
@@ -224,12 +224,12 @@ def check_face_models(settings: Settings) -> Passed:
     try:
         from avatalk.avatars.landmarks import FaceLandmarker, model_dir
     except ImportError as error:
-        raise CheckFailed(f"the LiteRT runtime is missing: {error}", hint) from None
+        raise CheckError(f"the LiteRT runtime is missing: {error}", hint) from None
     folder = _located(model_dir, hint)
     try:
         FaceLandmarker(models=folder)
     except Exception as error:  # LiteRT raises ValueError/RuntimeError for missing or broken files
-        raise CheckFailed(f"cannot load the face models in {folder}: {error}", hint) from None
+        raise CheckError(f"cannot load the face models in {folder}: {error}", hint) from None
     return Passed(f"face detectors and mesh load from {folder}")
 
 
@@ -240,7 +240,7 @@ def check_renderer(settings: Settings) -> Passed:
     try:
         create_renderer(name)
     except (NotImplementedError, ValueError) as error:
-        raise CheckFailed(str(error), "set AVATALK_AVATARS__RENDERER=classic (CPU)") from None
+        raise CheckError(str(error), "set AVATALK_AVATARS__RENDERER=classic (CPU)") from None
     return Passed(name)
 
 
@@ -250,15 +250,16 @@ def check_musetalk_weights(settings: Settings) -> Passed:
         from avatalk.avatars.renderers.musetalk.loader import DOWNLOAD_HINT, missing_files
         from avatalk.avatars.renderers.musetalk.settings import MuseTalkSettings
     except ImportError as error:
-        raise CheckFailed(
+        raise CheckError(
             f"the MuseTalk renderer cannot be imported: {error}",
-            "install torch, diffusers and transformers (`pip install -e '.[gpu]'`) or set AVATALK_AVATARS__RENDERER=classic",
+            "install torch, diffusers and transformers (`pip install -e '.[gpu]'`) "
+            "or set AVATALK_AVATARS__RENDERER=classic",
         ) from None
     root = MuseTalkSettings().models_dir.absolute()
     missing = missing_files(root)
     if missing:
         listed = ", ".join(str(path.relative_to(root)) for path in missing)
-        raise CheckFailed(f"missing in {root}: {listed}", f"{DOWNLOAD_HINT}; set AVATALK_MUSETALK__MODELS_DIR")
+        raise CheckError(f"missing in {root}: {listed}", f"{DOWNLOAD_HINT}; set AVATALK_MUSETALK__MODELS_DIR")
     return Passed(str(root))
 
 
@@ -280,18 +281,18 @@ def check_gpu(settings: Settings) -> Passed:
         import torch
     except ImportError:
         if needs_gpu(settings):
-            raise CheckFailed("PyTorch is not installed", hint) from None
+            raise CheckError("PyTorch is not installed", hint) from None
         return Passed("PyTorch is not installed; these settings need no GPU")
     if not torch.cuda.is_available():
         if needs_gpu(settings):
-            raise CheckFailed(f"torch {torch.__version__} sees no CUDA device", hint)
+            raise CheckError(f"torch {torch.__version__} sees no CUDA device", hint)
         return Passed(f"no CUDA device (torch {torch.__version__}); these settings run on the CPU")
     names = [torch.cuda.get_device_name(index) for index in range(torch.cuda.device_count())]
     if settings.asr.device.startswith("cuda"):
         import ctranslate2
 
         if ctranslate2.get_cuda_device_count() == 0:
-            raise CheckFailed("CTranslate2 (faster-whisper) sees no CUDA device", hint)
+            raise CheckError("CTranslate2 (faster-whisper) sees no CUDA device", hint)
     return Passed(f"CUDA {torch.version.cuda}: {', '.join(names)}")
 
 
@@ -303,12 +304,12 @@ def check_default_avatar(settings: Settings) -> Passed:
     try:
         validate_avatar_id(avatar_id)
     except InvalidAvatarId as error:
-        raise CheckFailed(str(error), "set AVATALK_AVATARS__DEFAULT_AVATAR to a valid id") from None
+        raise CheckError(str(error), "set AVATALK_AVATARS__DEFAULT_AVATAR to a valid id") from None
     root = avatars_root(settings).absolute()
     if not (root / avatar_id / MANIFEST_NAME).is_file():
         if avatar_id == GENERATED_AVATAR:
             return Passed(f"{avatar_id!r} is not drawn yet; the server generates it at its first start")
-        raise CheckFailed(
+        raise CheckError(
             f"there is no avatar {avatar_id!r} in {root}",
             f"prepare it (`avatalk avatar create --id {avatar_id} --video ...`) or set "
             f"AVATALK_AVATARS__DEFAULT_AVATAR={GENERATED_AVATAR}",
@@ -316,7 +317,7 @@ def check_default_avatar(settings: Settings) -> Passed:
     try:
         manifest = AvatarStore(root).load(avatar_id).manifest
     except (OSError, ValueError) as error:
-        raise CheckFailed(
+        raise CheckError(
             f"avatar {avatar_id!r} cannot be read: {error}",
             f"delete {root / avatar_id} and prepare it again (the server redraws {GENERATED_AVATAR!r} itself)",
         ) from None
@@ -328,19 +329,19 @@ def check_data_dir(settings: Settings) -> Passed:
     hint = "fix the folder's permissions or set AVATALK_DATA_DIR to a writable folder"
     if path.exists():
         if not path.is_dir():
-            raise CheckFailed(f"{path} is not a folder", hint)
+            raise CheckError(f"{path} is not a folder", hint)
         try:
             with tempfile.TemporaryFile(dir=path):
                 pass
         except OSError as error:
-            raise CheckFailed(f"{path} is not writable: {error.strerror or error}", hint) from None
+            raise CheckError(f"{path} is not writable: {error.strerror or error}", hint) from None
         free_gib = shutil.disk_usage(path).free / 2**30
         return Passed(f"{path} ({free_gib:.1f} GiB free)")
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise CheckFailed(f"{path} does not exist and {parent} is not writable", hint)
+        raise CheckError(f"{path} does not exist and {parent} is not writable", hint)
     return Passed(f"{path} (created at the first start)")
 
 
@@ -352,7 +353,7 @@ def check_port(settings: Settings) -> Passed:
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as error:
-        raise CheckFailed(f"cannot resolve {host!r}: {error.strerror}", "set AVATALK_HOST to an address") from None
+        raise CheckError(f"cannot resolve {host!r}: {error.strerror}", "set AVATALK_HOST to an address") from None
     with socket.socket(family, kind, proto) as sock:
         # As uvicorn does: a socket lingering after a previous server stopped does not block the port.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -360,23 +361,23 @@ def check_port(settings: Settings) -> Passed:
             sock.bind(address)
         except OSError as error:
             if error.errno == errno.EADDRINUSE:
-                raise CheckFailed(f"{host}:{port} is already in use", hint) from None
+                raise CheckError(f"{host}:{port} is already in use", hint) from None
             if error.errno == errno.EADDRNOTAVAIL:
-                raise CheckFailed(
+                raise CheckError(
                     f"{host} is not an address of this machine", "set AVATALK_HOST (127.0.0.1 or 0.0.0.0)"
                 ) from None
             if error.errno == errno.EACCES:
-                raise CheckFailed(
+                raise CheckError(
                     f"binding {host}:{port} is not permitted", "use a port above 1024 or grant the privilege"
                 ) from None
-            raise CheckFailed(f"cannot bind {host}:{port}: {error.strerror or error}", hint) from None
+            raise CheckError(f"cannot bind {host}:{port}: {error.strerror or error}", hint) from None
     return Passed(f"{host}:{port} is free")
 
 
 def check_chromium(settings: Settings) -> Passed:
     found = str(CHROMIUM_PATH) if CHROMIUM_PATH.is_file() else shutil.which("chromium")
     if found is None:
-        raise CheckFailed("chromium not found", "`make browser` installs it; without it the browser tests are skipped")
+        raise CheckError("chromium not found", "`make browser` installs it; without it the browser tests are skipped")
     return Passed(found)
 
 
@@ -402,7 +403,7 @@ def run_check(check: Check, settings: Settings) -> CheckResult:
     required = check.required(settings)
     try:
         passed = check.run(settings)
-    except CheckFailed as failure:
+    except CheckError as failure:
         return CheckResult(check.name, False, failure.detail, failure.hint, required)
     except Exception as error:  # a bug in the check (or a library): report it, keep checking the rest
         return CheckResult(

@@ -26,7 +26,7 @@ import json as jsonlib
 import logging
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -104,16 +104,16 @@ class Metrics:
         self.turns = Counter(
             "avatalk_turns", "Assistant responses that ended, by how they ended", ["status"], registry=self.registry
         )
-        self.errors = Counter("avatalk_errors", "Error events sent to clients, by code", ["code"], registry=self.registry)
+        self.errors = Counter(
+            "avatalk_errors", "Error events sent to clients, by code", ["code"], registry=self.registry
+        )
         self.barge_ins = Counter(
             "avatalk_barge_ins",
             "Replies cut short: spoken barge-in, client cancel (a button barge-in) or new input",
             ["reason"],
             registry=self.registry,
         )
-        self.frames = Counter(
-            "avatalk_frames", "Video frames sent, idle or speaking", ["kind"], registry=self.registry
-        )
+        self.frames = Counter("avatalk_frames", "Video frames sent, idle or speaking", ["kind"], registry=self.registry)
         self.late_frames = Counter(
             "avatalk_late_frames", "Video frames sent more than one tick after their due time", registry=self.registry
         )
@@ -138,10 +138,13 @@ class Metrics:
         """Read sessions and jobs from this app state when scraped."""
         self._state.state = state
 
-    def observe(self, output: SessionOutput, transport: str) -> ObservedOutput:
-        """Wrap a new session's output so that what it sends is counted; counts the session."""
-        self.sessions.labels(transport).inc()
+    def observe(self, output: SessionOutput) -> ObservedOutput:
+        """Wrap a new session's output so that what it sends is counted."""
         return ObservedOutput(output, self)
+
+    def session_started(self, transport: str) -> None:
+        """Count a session the server admitted (``ws`` or ``webrtc``)."""
+        self.sessions.labels(transport).inc()
 
     def record_error(self, code: str) -> None:
         """Count an error event (for errors a transport sends outside any session's output)."""
@@ -164,7 +167,7 @@ class Metrics:
                     if stage in marks:
                         self.latency.labels(stage, source).observe(float(marks[stage]) / 1000.0)
 
-    def exposition(self, accept: str | None) -> tuple[bytes, str]:
+    def exposition(self, accept: str) -> tuple[bytes, str]:
         """The metrics in the format the scraper asked for (Prometheus text or OpenMetrics)."""
         encoder, content_type = choose_encoder(accept)
         return encoder(self.registry), content_type
@@ -181,9 +184,10 @@ class ObservedOutput:
     ``REANCHOR_S`` behind) the timeline here is re-anchored too.
     """
 
-    def __init__(self, inner: SessionOutput, metrics: Metrics) -> None:
+    def __init__(self, inner: SessionOutput, metrics: Metrics, clock: Callable[[], float] = time.monotonic) -> None:
         self.inner = inner
         self._metrics = metrics
+        self._clock = clock  # the session clock's time source (tests give their own)
         self._anchor: float | None = None
 
     async def send_event(self, kind: str, **fields: object) -> None:
@@ -195,7 +199,7 @@ class ObservedOutput:
         if frame is None:
             return
         self._metrics.frames.labels("idle" if audio is None else "speaking").inc()
-        start = time.monotonic() - tick * TICK_S
+        start = self._clock() - tick * TICK_S
         if self._anchor is None or start < self._anchor:
             self._anchor = start
         behind = start - self._anchor
@@ -213,7 +217,7 @@ async def metrics_endpoint(request: Request) -> Response:
     """Prometheus scrape endpoint (text format, or OpenMetrics when asked for)."""
     metrics: Metrics = request.app.state.metrics
     # Collecting reads the jobs database: keep it off the event loop.
-    body, content_type = await asyncio.to_thread(metrics.exposition, request.headers.get("accept"))
+    body, content_type = await asyncio.to_thread(metrics.exposition, request.headers.get("accept", ""))
     return Response(body, media_type=content_type)
 
 
@@ -232,14 +236,16 @@ session_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("ava
 turn_id_var: contextvars.ContextVar[int | None] = contextvars.ContextVar("avatalk_turn_id", default=None)
 
 
-def turn_context(turn_id: int) -> contextvars.Context:
-    """A copy of the current context with ``turn_id_var`` set, for the turn's task.
+def task_context(session_id: str, turn_id: int | None = None) -> contextvars.Context:
+    """A copy of the current context with the session's (and turn's) ids set, for a task of that session.
 
-    ``asyncio.create_task(coro, context=turn_context(turn_id))`` labels the
-    turn's logs (and those of the tasks it starts) without changing the
-    context of the task that started it.
+    ``asyncio.create_task(coro, context=task_context(self.id, turn_id))`` labels
+    the task's logs, and those of the tasks it starts, wherever it was created
+    (a WebRTC callback runs in aiortc's context, not the request's) and without
+    changing the context of the task that created it.
     """
     context = contextvars.copy_context()
+    context.run(session_id_var.set, session_id)
     context.run(turn_id_var.set, turn_id)
     return context
 

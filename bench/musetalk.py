@@ -38,7 +38,7 @@ import torch
 from avatalk.avatars.default_face import ensure_default_avatar
 from avatalk.avatars.renderers import SAMPLES_PER_TICK
 from avatalk.avatars.renderers.musetalk import FrameGenerator, MuseTalkRenderer, MuseTalkSession, MuseTalkSettings
-from avatalk.avatars.renderers.musetalk.random_models import build_models
+from avatalk.avatars.renderers.musetalk.random_models import Size, build_models
 from avatalk.avatars.store import AvatarStore, LoadedAvatar
 
 TICK_S = 0.040
@@ -98,7 +98,7 @@ class Probe:
 
     def __init__(self, renderer: MuseTalkRenderer) -> None:
         self.lock = threading.Lock()
-        self.frames: dict[int, list[tuple[float, float, float]]] = {}  # thread -> (submitted, ready, deadline)
+        self.frames: dict[int, list[tuple[float, float]]] = {}  # thread -> (submitted, ready)
         submit = renderer.scheduler.submit
 
         def timed(latents: torch.Tensor, features: np.ndarray, deadline: float) -> Future[np.ndarray | None]:
@@ -108,7 +108,7 @@ class Probe:
 
             def done(_: Future[np.ndarray | None]) -> None:
                 with self.lock:
-                    self.frames.setdefault(thread, []).append((submitted, time.monotonic(), deadline))
+                    self.frames.setdefault(thread, []).append((submitted, time.monotonic()))
 
             future.add_done_callback(done)
             return future
@@ -116,26 +116,38 @@ class Probe:
         renderer.scheduler.submit = timed  # type: ignore[method-assign]
 
 
-def drive(session: MuseTalkSession, audio: np.ndarray, start: float, arrivals: list[float]) -> None:
-    """One session's clock: look_ahead + render of tick k at its due time minus one tick."""
+@dataclass
+class Chunk:
+    """A TTS chunk: when it reached the session's queue, and the ``look_ahead`` call that first saw it."""
+
+    arrival: float
+    seen: tuple[float, float] | None = None
+
+
+def drive(session: MuseTalkSession, audio: np.ndarray, start: float, chunks: list[Chunk]) -> None:
+    """One session's clock: ``look_ahead`` (the queued audio) and ``render`` of tick k one tick before it is due.
+
+    The first chunk arrives just before the first tick (a reply starts playing as soon as it has
+    audio); later chunks arrive ``TTS_LEAD_S`` before they play.
+    """
     ticks = len(audio) // SAMPLES_PER_TICK
-    chunks = -(-ticks // CHUNK_TICKS)
-    arrivals.extend(start + j * CHUNK_TICKS * TICK_S - TTS_LEAD_S for j in range(chunks))
+    chunks.append(Chunk(start - TICK_S - 0.001))
+    chunks.extend(Chunk(start + j * CHUNK_TICKS * TICK_S - TTS_LEAD_S) for j in range(1, -(-ticks // CHUNK_TICKS)))
     for tick in range(ticks):
-        call_at = start + (tick - 1) * TICK_S
-        delay = call_at - time.monotonic()
+        delay = start + (tick - 1) * TICK_S - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-        now = time.monotonic()
-        arrived = sum(1 for moment in arrivals if moment <= now)
-        known = min(ticks, arrived * CHUNK_TICKS, tick + session.look_ahead_ticks)
+        called = time.monotonic()
+        arrived = [chunk for chunk in chunks if chunk.arrival <= called]
+        known = min(ticks, len(arrived) * CHUNK_TICKS, tick + session.look_ahead_ticks)
         session.look_ahead(tick, audio[tick * SAMPLES_PER_TICK : known * SAMPLES_PER_TICK])
+        for chunk in arrived:
+            if chunk.seen is None:
+                chunk.seen = (called, time.monotonic())
         session.render(tick, audio[tick * SAMPLES_PER_TICK : (tick + 1) * SAMPLES_PER_TICK])
 
 
-def run_sessions(
-    renderer: MuseTalkRenderer, avatar: LoadedAvatar, count: int, seconds: float, output_size: int
-) -> Run:
+def run_sessions(renderer: MuseTalkRenderer, avatar: LoadedAvatar, count: int, seconds: float, output_size: int) -> Run:
     sessions = [renderer.open(avatar, output_size) for _ in range(count)]
     probe = Probe(renderer)
     stats_before = (renderer.scheduler.stats.batches, renderer.scheduler.stats.frames)
@@ -144,16 +156,14 @@ def run_sessions(
         torch.cuda.reset_peak_memory_stats(renderer.models.device)
     base = time.monotonic() + 0.5
     rng = np.random.default_rng(count)
-    arrivals: list[list[float]] = [[] for _ in sessions]
+    chunks: list[list[Chunk]] = [[] for _ in sessions]
     threads = []
-    idents: list[int] = []
     for index, session in enumerate(sessions):
         audio = speechlike(seconds, seed=index)
         start = base + rng.random() * TICK_S  # clocks are not synchronised
-        thread = threading.Thread(target=drive, args=(session, audio, start, arrivals[index]), daemon=True)
-        threads.append(thread)
-        thread.start()
-        idents.append(thread.ident or 0)
+        threads.append(threading.Thread(target=drive, args=(session, audio, start, chunks[index]), daemon=True))
+        threads[-1].start()
+    idents = [thread.ident or 0 for thread in threads]
     for thread in threads:
         thread.join()
     run = Run(sessions=count)
@@ -163,13 +173,15 @@ def run_sessions(
         session.reset()
     time.sleep(0.2)  # let cancelled look-ahead frames drain
     with probe.lock:
-        for ident, chunk_arrivals in zip(idents, arrivals, strict=True):
+        for ident, session_chunks in zip(idents, chunks, strict=True):
             frames = probe.frames.get(ident, [])
-            run.frame_latency += [ready - submitted for submitted, ready, _ in frames]
-            for arrival in chunk_arrivals:
-                made = [ready for submitted, ready, _ in frames if arrival <= submitted < arrival + TICK_S + 0.005]
-                if made:
-                    run.chunk_latency.append(max(made) - arrival)
+            run.frame_latency += [ready - submitted for submitted, ready in frames]
+            for chunk in session_chunks:
+                if chunk.seen is None:
+                    continue
+                made = [ready for submitted, ready in frames if chunk.seen[0] <= submitted <= chunk.seen[1]]
+                if made:  # the frames the chunk's audio made computable at once
+                    run.chunk_latency.append(max(made) - chunk.arrival)
     batches = renderer.scheduler.stats.batches - stats_before[0]
     run.mean_batch = (renderer.scheduler.stats.frames - stats_before[1]) / batches if batches else 0.0
     if cuda:
@@ -194,7 +206,7 @@ def main() -> None:
         args.max_batch, args.output_size = 8, 128
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    size = "tiny" if args.quick else "full"
+    size: Size = "tiny" if args.quick else "full"
     torch.set_grad_enabled(False)
     logging.basicConfig(level=logging.WARNING, format="  (%(levelname)s %(name)s: %(message)s)")
 

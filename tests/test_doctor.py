@@ -105,7 +105,7 @@ def test_a_missing_custom_default_avatar_fails(good_settings: Settings) -> None:
 class _ModelsHandler(BaseHTTPRequestHandler):
     """A stand-in OpenAI-compatible server that lists one model."""
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+    def do_GET(self) -> None:
         body = json.dumps({"object": "list", "data": [{"id": "llama3.2:3b", "object": "model"}]}).encode()
         status = 200 if self.path == "/v1/models" else 404
         self.send_response(status)
@@ -114,7 +114,7 @@ class _ModelsHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the base class's name)
+    def log_message(self, format: str, *args: object) -> None:
         """Quiet: the test output is not the place for access logs."""
 
 

@@ -36,6 +36,7 @@ from avatalk.avatars.renderers.musetalk import (  # noqa: E402
     load_musetalk,
 )
 from avatalk.avatars.renderers.musetalk.latents import LATENTS_FILE, RENDERER_KEY  # noqa: E402
+from avatalk.avatars.renderers.musetalk.latents import main as latents_command  # noqa: E402
 from avatalk.avatars.renderers.musetalk.loader import UNET_CONFIG, UNET_DIR, UNET_WEIGHTS  # noqa: E402
 from avatalk.avatars.renderers.musetalk.random_models import write_layout  # noqa: E402
 from avatalk.avatars.store import AvatarStore, LoadedAvatar  # noqa: E402
@@ -162,7 +163,7 @@ def test_the_factory_reports_missing_weights(tmp_path: Path, monkeypatch: pytest
 
 def test_models_load_in_float32_on_the_cpu(models: MuseTalkModels) -> None:
     assert models.dtype == torch.float32 and models.device.type == "cpu"
-    assert models.audio.tokens == 50 and models.audio.d_model == models.unet.config.cross_attention_dim
+    assert models.audio.tokens == 50 and models.audio.d_model == models.unet.config["cross_attention_dim"]
 
 
 # --- Latents -----------------------------------------------------------------------
@@ -182,6 +183,19 @@ def test_latents_are_stored_once_and_reused(avatars_root: Path, models: MuseTalk
     assert (avatars_root / "ava" / LATENTS_FILE).stat().st_mtime_ns == written
     assert load_latents(avatar, "another-vae") is None  # latents of another VAE are never used
     assert not list((avatars_root / "ava").glob(".*"))  # no temporary files left
+
+
+def test_the_latents_command_adds_latents_to_prepared_avatars(
+    layout: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ensure_default_avatar(tmp_path / "avatars", size=64, seconds=0.2)
+    monkeypatch.setenv("AVATALK_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("AVATALK_MUSETALK__MODELS_DIR", str(layout))
+    assert latents_command(["ava"]) == 0
+    assert "ava: latents of 5 frames ready" in capsys.readouterr().out
+    assert AvatarStore(tmp_path / "avatars").get("ava").latents[RENDERER_KEY]["shape"] == [5, 8, 32, 32]
+    assert latents_command(["ava", "nobody"]) == 1
+    assert "nobody" in capsys.readouterr().err
 
 
 # --- Rendering ---------------------------------------------------------------------

@@ -112,7 +112,7 @@ def test_chunking_never_changes_the_features(encoder: WhisperFeatureEncoder) -> 
     ticks = len(audio) // SAMPLES_PER_BLOCK
     whole = streamed(encoder, audio, [len(audio)], left=8, right=4)
     rng = np.random.default_rng(3)
-    sizes = []
+    sizes: list[int] = []
     while sum(sizes) < len(audio):
         sizes.append(min(int(rng.integers(1, 3000)), len(audio) - sum(sizes)))
     for chunks in ([SAMPLES_PER_BLOCK] * ticks, sizes):

@@ -6,8 +6,9 @@ import asyncio
 import io
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import numpy as np
@@ -15,14 +16,16 @@ import pytest
 from fastapi import FastAPI
 
 from avatalk import observability
+from avatalk.client import AvatalkClient
 from avatalk.observability import (
     ContextFilter,
     JsonFormatter,
     Metrics,
+    ObservedOutput,
     configure_logging,
     session_id_var,
     setup_metrics,
-    turn_context,
+    task_context,
     turn_id_var,
 )
 from avatalk.streaming.clock import TICK_S
@@ -50,7 +53,8 @@ def value(metrics: Metrics, name: str, **labels: str) -> float:
 async def test_events_are_counted_and_passed_on_unchanged() -> None:
     metrics = Metrics()
     inner = RecordingOutput()
-    output = metrics.observe(inner, "ws")
+    output = metrics.observe(inner)
+    metrics.session_started("ws")
     await output.send_event("response.done", turn_id=1, status="completed", text="Hi.")
     await output.send_event("response.done", turn_id=2, status="interrupted", text="")
     await output.send_event("response.interrupted", turn_id=2, reason="barge_in", spoken_text="")
@@ -69,10 +73,18 @@ async def test_events_are_counted_and_passed_on_unchanged() -> None:
 
 async def test_latency_marks_feed_the_histograms_but_greetings_do_not() -> None:
     metrics = Metrics()
-    output = metrics.observe(RecordingOutput(), "webrtc")
-    voice = {"asr_final": 120.0, "llm_first_token": 300.0, "first_sentence": 420.0, "tts_first_audio": 450.0, "first_audio": 480.0}
+    output = metrics.observe(RecordingOutput())
+    voice = {
+        "asr_final": 120.0,
+        "llm_first_token": 300.0,
+        "first_sentence": 420.0,
+        "tts_first_audio": 450.0,
+        "first_audio": 480.0,
+    }
     await output.send_event("latency", turn_id=1, marks_ms=voice)
-    await output.send_event("latency", turn_id=2, marks_ms={"llm_first_token": 90.0, "first_audio": 250.0, "first_frame": 250.0})
+    await output.send_event(
+        "latency", turn_id=2, marks_ms={"llm_first_token": 90.0, "first_audio": 250.0, "first_frame": 250.0}
+    )
     await output.send_event("latency", turn_id=3, marks_ms={"tts_first_audio": 20.0, "first_audio": 40.0})  # a greeting
     histogram = "avatalk_turn_latency_seconds"
     assert value(metrics, f"{histogram}_count", stage="first_audio", input="voice") == 1
@@ -83,12 +95,11 @@ async def test_latency_marks_feed_the_histograms_but_greetings_do_not() -> None:
     assert value(metrics, f"{histogram}_count", stage="tts_first_audio", input="text") == 0
 
 
-async def test_frames_are_counted_and_late_ones_spotted(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_frames_are_counted_and_late_ones_spotted() -> None:
     metrics = Metrics()
     inner = RecordingOutput()
-    output = metrics.observe(inner, "ws")
     now = [100.0]
-    monkeypatch.setattr(observability.time, "monotonic", lambda: now[0])
+    output = ObservedOutput(inner, metrics, clock=lambda: now[0])
     frame = np.zeros((4, 4, 3), np.uint8)
     audio = np.zeros(960, np.float32)
     # Ticks 0-2 on time; tick 3 sent 100 ms late; tick 4 on time again; audio-only ticks are not frames.
@@ -185,16 +196,21 @@ async def test_json_logs_carry_the_ids_of_the_task_that_logged(json_log: tuple[l
         async def turn() -> None:
             log.info("replying")
 
-        await asyncio.create_task(turn(), context=turn_context(7))
+        await asyncio.create_task(turn(), context=task_context(session_id, 7))
         log.info("after the turn")
 
+    async def callback_task() -> None:
+        log.info("from a callback")
+
     await asyncio.gather(asyncio.create_task(session("s1")), asyncio.create_task(session("s2")))
+    await asyncio.create_task(callback_task(), context=task_context("s3"))
     log.info("outside", extra={"session_id": "explicit", "sessions": 2})
     records = lines(stream)
     by_message = {(r["message"], r.get("session_id")): r for r in records}
     assert by_message[("session s1 opened", "s1")].get("turn_id") is None
     assert by_message[("replying", "s2")]["turn_id"] == 7
     assert "turn_id" not in by_message[("after the turn", "s1")]
+    assert ("from a callback", "s3") in by_message
     outside = by_message[("outside", "explicit")]
     assert outside["sessions"] == 2 and outside["level"] == "INFO"
     assert outside["logger"] == "avatalk.test_observability"
@@ -243,3 +259,37 @@ def test_text_format_appends_ids() -> None:
     record.session_id, record.turn_id = "abc", 3
     assert formatter.format(record).endswith("avatalk.x: latency {'first_audio': 1.0} [session_id=abc turn_id=3]")
 
+
+@pytest.mark.slow
+async def test_a_live_conversation_shows_in_metrics_and_logs(
+    live_server_factory: Callable[..., Any], json_log: tuple[logging.Logger, io.StringIO]
+) -> None:
+    """End to end, once the transports wrap their outputs (see avatalk.observability)."""
+    _, stream = json_log
+    handler = logging.getLogger("avatalk.test_observability").handlers[-1]
+    session_logger = logging.getLogger("avatalk.streaming.session")
+    session_logger.addHandler(handler)
+    level = session_logger.level
+    session_logger.setLevel(logging.INFO)
+    server = live_server_factory()
+    metrics_url = f"{server.base_url}/metrics"
+    try:
+        async with httpx.AsyncClient() as http, AvatalkClient(server.ws_url) as client:
+            created = await client.wait_for(lambda e: e["type"] == "session.created")
+            assert (await client.configure(16000, 24000, greeting=False))["type"] == "session.updated"
+            await client.send_raw("not json")
+            await client.send_event("conversation.item.create", text="Say hello.")
+            done = await client.wait_for(lambda e: e["type"] == "response.done", timeout=90)
+            assert done["status"] == "completed"
+            text = (await http.get(metrics_url)).text
+            assert 'avatalk_active_sessions{transport="ws"} 1.0' in text
+            assert 'avatalk_sessions_total{transport="ws"} 1.0' in text
+            assert 'avatalk_turns_total{status="completed"} 1.0' in text
+            assert 'avatalk_errors_total{code="invalid_json"} 1.0' in text
+            assert 'avatalk_turn_latency_seconds_count{input="text",stage="first_audio"} 1.0' in text
+    finally:
+        session_logger.removeHandler(handler)
+        session_logger.setLevel(level)
+    latency_logs = [line for line in lines(stream) if str(line["message"]).startswith("session ")]
+    assert latency_logs, "the session logged nothing at INFO"
+    assert all(line.get("session_id") == created["session"]["id"] for line in latency_logs)

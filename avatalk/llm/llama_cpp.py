@@ -75,7 +75,7 @@ class LlamaCppLLM(LLM):
             raise LLMError("the llama.cpp model has been closed")
         payload = [{"role": message.role, "content": message.content} for message in messages]
         try:
-            async for delta in iterate_in_thread(lambda stop: self._generate(payload, stop)):
+            async for delta in iterate_in_thread(lambda stop: self._generate(payload, stop), maxsize=2):
                 yield delta
         except (ValueError, RuntimeError) as error:  # e.g. the prompt exceeds the context window
             raise LLMError(f"llama.cpp could not generate a reply: {error}") from error

@@ -41,7 +41,9 @@ def create_app(settings: Settings, models: EngineModels | None = None) -> FastAP
         try:
             app.state.models = models
             if owned:
-                app.state.models = await asyncio.to_thread(EngineModels.load, settings)
+                loaded = await asyncio.to_thread(EngineModels.load, settings)
+                await loaded.warm_up(settings.persona.system_prompt)
+                app.state.models = loaded
             logger.info("avatalk %s ready on %s:%d", __version__, settings.host, settings.port)
             yield
         finally:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from avatalk.avatars.renderers import Renderer, create_renderer
 from avatalk.config import Settings
-from avatalk.llm import LLM, create_llm
+from avatalk.llm import LLM, ChatMessage, LLMError, create_llm
 from avatalk.streaming.asr import WhisperASR
 from avatalk.streaming.vad import SileroVAD
-from avatalk.tts import TTS, create_tts
+from avatalk.tts import TTS, TTSError, create_tts
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +42,26 @@ class EngineModels:
         )
         logger.info("models loaded in %.1f s", time.perf_counter() - started)
         return models
+
+    async def warm_up(self, system_prompt: str) -> None:
+        """Run each model once so the first user does not pay for cold caches.
+
+        The LLM evaluates the persona prompt (llama.cpp keeps it as a reusable
+        prefix), piper and Whisper allocate their buffers. A failing backend
+        (e.g. a remote server that is down) only logs: sessions report it.
+        """
+        started = time.perf_counter()
+        try:
+            stream = self.llm.stream([ChatMessage("system", system_prompt), ChatMessage("user", "Hello!")])
+            async for _delta in stream:
+                break
+            await stream.aclose()  # type: ignore[attr-defined]
+            async for _audio in self.tts.synthesize("Hello."):
+                pass
+            await asyncio.to_thread(self.asr.transcribe, np.zeros(16000, dtype=np.float32))
+        except (LLMError, TTSError) as error:
+            logger.warning("warm-up skipped: %s", error)
+        logger.info("models warmed up in %.1f s", time.perf_counter() - started)
 
     async def aclose(self) -> None:
         await self.llm.aclose()

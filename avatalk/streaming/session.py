@@ -50,6 +50,7 @@ from avatalk.tts import TTSError
 logger = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT_SAMPLE_RATE = 24000
+FIRST_AUDIO_HOLD_S = 2.0  # longest the LLM waits for the first sentence's audio
 RENDER_BUDGET_S = 0.060  # a frame later than this (clock lead 40 ms + slack) is replaced by an idle frame
 
 
@@ -77,6 +78,7 @@ class _Response:
     task: asyncio.Task[None] | None = None
     interrupted_at: float | None = None
     audio_pending: bool = False  # the user's audio is still being transcribed
+    first_audio_ready: asyncio.Event = field(default_factory=asyncio.Event)
 
     def mark(self, name: str) -> None:
         self.marks.setdefault(name, time.monotonic())
@@ -605,6 +607,7 @@ class ConversationSession:
 
     async def _generate(self, response: _Response, sentences: asyncio.Queue[str | None]) -> None:
         splitter = self._splitter()
+        splitter.max_chars = max(self.settings.tts.first_chunk_chars, splitter.min_chars + 1)
         stream = self.models.llm.stream(self.memory.messages())
         wait_s = self.settings.llm.first_token_timeout_s
         try:
@@ -617,8 +620,17 @@ class ConversationSession:
                     response.generated_text += delta
                     await self.output.send_event("response.text.delta", turn_id=response.turn_id, delta=delta)
                     for sentence in splitter.push(delta):
+                        first = "first_sentence" not in response.marks
                         response.mark("first_sentence")
+                        splitter.max_chars = self.settings.tts.max_sentence_chars
                         await sentences.put(sentence)
+                        if first:
+                            # On a small CPU the LLM and the TTS compete: hold generation (the
+                            # LLM's bounded queue stops it within a token or two) until the
+                            # first sentence is voiced, so the user hears the reply sooner.
+                            with contextlib.suppress(TimeoutError):
+                                async with asyncio.timeout(FIRST_AUDIO_HOLD_S):
+                                    await response.first_audio_ready.wait()
         except TimeoutError as error:
             raise LLMError(f"the LLM gave no answer within {wait_s:.0f} s") from error
         finally:
@@ -633,6 +645,7 @@ class ConversationSession:
         tts = self.models.tts
         while (sentence := await sentences.get()) is not None:
             pieces: list[np.ndarray] = []
+            started = time.monotonic()
             stream = tts.synthesize(sentence)
             try:
                 async with asyncio.timeout(self.settings.tts.timeout_s):
@@ -646,10 +659,15 @@ class ConversationSession:
             if not pieces:
                 continue
             speech = np.concatenate(pieces)
+            logger.debug(
+                "session %s: %.1f s of speech for %d chars in %.0f ms",
+                self.id, len(speech) / tts.sample_rate, len(sentence), (time.monotonic() - started) * 1000,
+            )
             samples = resample(speech, tts.sample_rate, self.output_sample_rate)
             render_samples = resample(speech, tts.sample_rate, RENDER_SAMPLE_RATE) if self._renderer else None
             segment_id = await self.clock.enqueue(response.turn_id, samples, render_samples)
             response.segments[segment_id] = (sentence, len(samples))
+            response.first_audio_ready.set()
             self._playback_idle.clear()
 
     async def _on_tick(self, tick: Tick) -> None:

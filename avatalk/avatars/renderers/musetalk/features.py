@@ -42,6 +42,7 @@ window, which is the price of streaming.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Sequence
 
@@ -139,8 +140,7 @@ class WhisperFeatureEncoder:
         final layer norm.
         """
         encoder = self.encoder
-        stream = torch.cuda.stream(self._stream) if self._stream is not None else _no_stream()
-        with stream:
+        with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
             x = torch.from_numpy(mels).to(self.device, self.dtype, non_blocking=True)
             hidden = functional.gelu(encoder.conv1(x))
             hidden = functional.gelu(encoder.conv2(hidden)).permute(0, 2, 1)
@@ -158,18 +158,8 @@ class WhisperFeatureEncoder:
         return result
 
 
-class _no_stream:
-    """Stands in for ``torch.cuda.stream`` on the CPU."""
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 class _Piece:
-    """One 30 s piece of the segment: its audio, its final log-mel frames and its complete blocks."""
+    """One 30 s piece of the segment: its audio and its final log-mel frames with their running peak."""
 
     def __init__(self, index: int, frames: int, n_mels: int) -> None:
         self.index = index

@@ -11,6 +11,7 @@ batched into one call.
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import torch
@@ -40,9 +41,10 @@ class FrameGenerator:
         self.dtype = models.dtype
         self.max_batch = max_batch
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        models.unet.to(memory_format=self.memory_format)
-        models.vae.to(memory_format=self.memory_format)
-        self._inverse_scale = 1.0 / float(models.vae.config.scaling_factor)
+        networks: tuple[torch.nn.Module, ...] = (models.unet, models.vae)
+        for network in networks:
+            network.to(memory_format=self.memory_format)  # type: ignore[call-overload]  # missing from torch's stubs
+        self._inverse_scale = 1.0 / float(models.vae.config["scaling_factor"])
         self._timestep = torch.zeros((), device=self.device, dtype=torch.long)
         self.compiled = compile != "off"
         self._forward = torch.compile(self._run, mode=compile, dynamic=False) if self.compiled else self._run
@@ -76,18 +78,35 @@ class FrameGenerator:
         return result
 
     def warmup(self) -> None:
-        """Run every batch size once, so compilation happens before the first session, not during it."""
+        """Run every batch size once, so compilation happens before the first session, not during it.
+
+        Call it from the thread that will generate: CUDA graphs captured by
+        torch.compile belong to the capturing thread. If compilation fails
+        (no compiler toolchain, an unsupported op), the generator falls back
+        to eager mode with a warning rather than leaving the renderer unusable.
+        """
         tokens, width = self.models.audio.tokens, self.models.audio.d_model
-        for size in self._buckets if self.compiled else (1,):
-            latents = torch.zeros(size, 8, 32, 32, device=self.device, dtype=self.dtype)
-            features = torch.zeros(size, tokens, width, device=self.device, dtype=self.dtype)
-            self.generate(latents, features)
+        started = time.perf_counter()
+        try:
+            for size in self._buckets if self.compiled else (1,):
+                latents = torch.zeros(size, 8, 32, 32, device=self.device, dtype=self.dtype)
+                features = torch.zeros(size, tokens, width, device=self.device, dtype=self.dtype)
+                self.generate(latents, features)
+        except Exception:
+            if not self.compiled:
+                raise
+            log.exception("torch.compile of the MuseTalk generator failed; running eagerly")
+            self.compiled, self._forward = False, self._run
         self.batches = self.frames = 0
-        log.info("MuseTalk generator warmed up (%s)", "compiled" if self.compiled else "eager")
+        log.info(
+            "MuseTalk generator warmed up in %.1f s (%s)",
+            time.perf_counter() - started,
+            "compiled" if self.compiled else "eager",
+        )
 
     def _run(self, latents: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         models = self.models
         sample = models.unet(latents, self._timestep, encoder_hidden_states=features).sample
         image = models.vae.decode(sample * self._inverse_scale).sample
-        pixels = ((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        pixels: torch.Tensor = ((image / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         return pixels.permute(0, 2, 3, 1)

@@ -29,7 +29,7 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
 from avatalk.avatars.jobs import avatars_root
 from avatalk.avatars.renderers.musetalk.loader import (
@@ -84,7 +84,7 @@ def encode_crops(vae: AutoencoderKL, crops: np.ndarray) -> np.ndarray:
     masked = images.clone()
     masked[:, :, CROP_SIZE // 2 :, :] = -1.0
     posterior = vae.encode(torch.cat([masked, images])).latent_dist
-    latents = posterior.mean * float(vae.config.scaling_factor)
+    latents = posterior.mean * float(vae.config["scaling_factor"])
     count = crops.shape[0]
     result: np.ndarray = torch.cat([latents[:count], latents[count:]], dim=1).float().cpu().numpy()
     return result
@@ -109,7 +109,8 @@ def compute_latents(avatar: LoadedAvatar, vae: AutoencoderKL, *, batch_size: int
         encode_crops(vae, np.stack(crops[start : start + batch_size])) for start in range(0, len(crops), batch_size)
     ]
     unique = np.concatenate(encoded).astype(np.float16)
-    return unique[np.asarray(order)]
+    every: np.ndarray = unique[np.asarray(order)]
+    return every
 
 
 def latents_entry(vae_id: str, avatar: LoadedAvatar) -> dict[str, Any]:
@@ -141,7 +142,7 @@ def load_latents(avatar: LoadedAvatar, vae_id: str) -> np.ndarray | None:
     if any(entry.get(key) != value for key, value in expected.items()):
         return None
     try:
-        latents = np.load(avatar.path / LATENTS_FILE, allow_pickle=False)
+        latents: np.ndarray = np.load(avatar.path / LATENTS_FILE, allow_pickle=False)
     except (OSError, ValueError):
         return None
     if list(latents.shape) != expected["shape"]:

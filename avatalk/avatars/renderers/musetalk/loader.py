@@ -22,10 +22,11 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from transformers import WhisperFeatureExtractor, WhisperModel
 
 from avatalk.avatars.renderers.base import RendererUnavailable
@@ -95,6 +96,15 @@ WHISPER_TINY_CONFIG: dict[str, Any] = {
     "max_target_positions": 448,
     "vocab_size": 51865,
 }
+
+
+Module = TypeVar("Module", bound=torch.nn.Module)
+
+
+def for_inference(module: Module, device: torch.device, dtype: torch.dtype) -> Module:
+    """``module`` moved to ``device`` and ``dtype``, in eval mode, without gradients."""
+    moved: Module = module.to(device=device, dtype=dtype)
+    return moved.eval().requires_grad_(False)
 
 
 class MuseTalkWeightsError(RendererUnavailable):
@@ -216,6 +226,14 @@ def _shape_report(state: dict[str, torch.Tensor], expected: dict[str, torch.Size
     return "; ".join(problems) or None
 
 
+def _load_state_dict(path: Path) -> object:
+    """Memory-mapped when possible (3.4 GB need not be read before the shapes are checked)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # files in torch's legacy (pre-zip) format cannot be memory-mapped
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_unet(folder: Path, *, device: torch.device, dtype: torch.dtype) -> UNet2DConditionModel:
     """``unet.pth`` built with ``musetalk.json``, checked tensor by tensor before anything is allocated."""
     config_path, weights_path = folder / UNET_CONFIG, folder / UNET_WEIGHTS
@@ -223,11 +241,13 @@ def load_unet(folder: Path, *, device: torch.device, dtype: torch.dtype) -> UNet
     check_unet_config(config, config_path)
     try:
         with torch.device("meta"):
-            model = UNet2DConditionModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+            model: UNet2DConditionModel = UNet2DConditionModel.from_config(
+                {k: v for k, v in config.items() if not k.startswith("_")}
+            )
     except (TypeError, ValueError) as error:
         raise MuseTalkWeightsError(f"{config_path} is not a usable UNet config: {error}") from None
     try:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True, mmap=True)
+        state = _load_state_dict(weights_path)
     except Exception as error:  # torch raises many types for a corrupt or foreign file
         raise MuseTalkWeightsError(f"{weights_path} cannot be read as a PyTorch state dict ({error})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -239,7 +259,7 @@ def load_unet(folder: Path, *, device: torch.device, dtype: torch.dtype) -> UNet
             "MuseTalk v1.5 release (an early musetalk.json described a different conv_in)"
         )
     model.load_state_dict(state, assign=True)
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return for_inference(model, device, dtype)
 
 
 def vae_fingerprint(folder: Path) -> str:
@@ -275,7 +295,7 @@ def load_vae(folder: Path, *, device: torch.device, dtype: torch.dtype) -> tuple
             f"(stabilityai/sd-vae-ft-mse); this one has latent_channels {vae.config.latent_channels} "
             f"and {len(vae.config.block_out_channels)} blocks"
         )
-    vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    vae = for_inference(vae, device, dtype)
     return vae, vae_fingerprint(folder)
 
 
@@ -303,7 +323,7 @@ def load_audio_encoder(folder: Path, *, device: torch.device, dtype: torch.dtype
             f"{folder}: the feature extractor's {extractor.chunk_length} s window ({extractor.nb_max_frames} mel "
             f"frames) does not match the encoder's {config.max_source_positions} positions"
         )
-    encoder = whisper.encoder.to(device=device, dtype=dtype)
+    encoder = for_inference(whisper.encoder, device, dtype)
     return WhisperFeatureEncoder(encoder, extractor.mel_filters, device=device, dtype=dtype)
 
 

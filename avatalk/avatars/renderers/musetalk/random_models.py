@@ -14,21 +14,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from avatalk.avatars.renderers.musetalk.features import WhisperFeatureEncoder
 from avatalk.avatars.renderers.musetalk.loader import (
     SD_VAE_CONFIG,
-    UNET_DIR,
     UNET_CONFIG,
+    UNET_DIR,
     UNET_V15_CONFIG,
     UNET_WEIGHTS,
     VAE_DIR,
     WHISPER_DIR,
     WHISPER_TINY_CONFIG,
     MuseTalkModels,
+    for_inference,
 )
 
 Size = Literal["full", "tiny"]
@@ -72,7 +74,10 @@ def model_configs(size: Size, *, piece_s: int = 30) -> tuple[dict[str, Any], dic
 
 
 def _unet(config: dict[str, Any]) -> UNet2DConditionModel:
-    return UNet2DConditionModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    model: UNet2DConditionModel = UNet2DConditionModel.from_config(
+        {k: v for k, v in config.items() if not k.startswith("_")}
+    )
+    return model
 
 
 def build_models(
@@ -86,10 +91,17 @@ def build_models(
         vae = AutoencoderKL.from_config(vae_config)
         encoder = WhisperEncoder(WhisperConfig(**whisper_config))
     extractor = WhisperFeatureExtractor(feature_size=whisper_config["num_mel_bins"], chunk_length=piece_s)
-    unet = unet.to(dtype=dtype).eval().requires_grad_(False)
-    vae = vae.to(dtype=dtype).eval().requires_grad_(False)
-    audio = WhisperFeatureEncoder(encoder.to(dtype=dtype), extractor.mel_filters, device=device, dtype=dtype)
-    return MuseTalkModels(unet=unet, vae=vae, audio=audio, device=device, dtype=dtype, vae_id=f"random-{size}-{seed}")
+    audio = WhisperFeatureEncoder(
+        for_inference(encoder, device, dtype), extractor.mel_filters, device=device, dtype=dtype
+    )
+    return MuseTalkModels(
+        unet=for_inference(unet, device, dtype),
+        vae=for_inference(vae, device, dtype),
+        audio=audio,
+        device=device,
+        dtype=dtype,
+        vae_id=f"random-{size}-{seed}",
+    )
 
 
 def write_layout(models_dir: Path, size: Size = "tiny", *, seed: int = 0, piece_s: int = 30) -> Path:

@@ -185,10 +185,11 @@ class MuseTalkRenderer(Renderer):
             channels_last=self.settings.channels_last,
             max_batch=self.settings.max_batch,
         )
-        if self.generator.compiled:
-            self.generator.warmup()
         self.scheduler = RenderScheduler(
-            self.generator, max_batch=self.settings.max_batch, batch_window_s=self.settings.batch_window_ms / 1000
+            self.generator,
+            max_batch=self.settings.max_batch,
+            batch_window_s=self.settings.batch_window_ms / 1000,
+            warmup=self.generator.compiled,
         )
         self._max_avatars = max_avatars
         self._cache: OrderedDict[tuple[Path, datetime, int], _AvatarData] = OrderedDict()
@@ -276,7 +277,7 @@ class MuseTalkSession(RendererSession):
         self._right = settings.context_right_ms // _MS_PER_WHISPER_FRAME
         self._budget_s = settings.frame_budget_ms / 1000
         self._horizon = settings.look_ahead_ms // round(TICK_S * 1000)
-        self._silence_power = 10.0 ** (settings.silence_db / 10.0)
+        self._silence_power: float = 10.0 ** (settings.silence_db / 10.0)
         # Ticks of audio after a frame's own that make it ready: the blocks of the 2 ticks after
         # it, whose windows reach `right` Whisper frames further, whose last mel frame reads
         # half an STFT window beyond its centre (3 ticks for right = 0).
@@ -325,6 +326,8 @@ class MuseTalkSession(RendererSession):
         stream = self._stream
         assert stream is not None
         frame = tick - self._start
+        for skipped in [t for t in self._pending if t < tick]:  # ticks the caller never asked for
+            self._pending.pop(skipped).future.cancel()
         pending = self._pending.pop(tick, None)
         try:
             if self._silent(samples):
@@ -386,9 +389,10 @@ class MuseTalkSession(RendererSession):
         if stream is None:
             return
         anchor_tick, anchor_time = self._anchor
+        first = max(self._next, anchor_tick - self._start)  # never frames of ticks already played
         stop = min(stream.ready_frames(), anchor_tick + self._horizon + 1 - self._start)
         frames = []
-        for frame in range(self._next, stop):
+        for frame in range(first, stop):
             audio = stream.samples(frame * SAMPLES_PER_TICK, (frame + 1) * SAMPLES_PER_TICK)
             if not self._silent(audio):
                 frames.append(frame)

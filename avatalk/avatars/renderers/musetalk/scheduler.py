@@ -70,8 +70,10 @@ class RenderScheduler:
         *,
         max_batch: int,
         batch_window_s: float = 0.002,
+        warmup: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """With ``warmup``, the worker first runs ``generator.warmup()`` (compilation) and this waits for it."""
         self.generator = generator
         self.max_batch = min(max_batch, generator.max_batch)
         self.batch_window_s = batch_window_s
@@ -82,8 +84,10 @@ class RenderScheduler:
         self._cost: dict[int, float] = {}
         self._condition = threading.Condition()
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="musetalk-scheduler", daemon=True)
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(warmup,), name="musetalk-scheduler", daemon=True)
         self._thread.start()
+        self._ready.wait()
 
     @property
     def queued(self) -> int:
@@ -106,8 +110,9 @@ class RenderScheduler:
         """
         future: Future[np.ndarray | None] = Future()
         with self._condition:
-            if self._closed:
-                raise RuntimeError("the MuseTalk scheduler is closed")
+            if self._closed:  # shutting down: the session shows idle frames
+                future.set_result(None)
+                return future
             job = _Job(deadline, next(self._sequence), latents, features, future, self._clock())
             heapq.heappush(self._queue, job)
             self._condition.notify()
@@ -131,7 +136,12 @@ class RenderScheduler:
         largest = max(self._cost)
         return self._cost[largest] * size / largest
 
-    def _loop(self) -> None:
+    def _loop(self, warmup: bool) -> None:
+        try:
+            if warmup:
+                self.generator.warmup()
+        finally:
+            self._ready.set()
         while True:
             batch = self._take_batch()
             if batch is None:
