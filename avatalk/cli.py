@@ -126,7 +126,7 @@ def render(
         with Progress() as bar:
             task = bar.add_task("rendering", total=1.0)
             result = render_video(
-                create_renderer(settings.avatars.renderer),
+                create_renderer(settings.avatars.renderer, settings.musetalk),
                 loaded,
                 speech,
                 rate,

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import websockets
 
-from avatalk.streaming.audio import float_to_pcm16, pcm16_to_float, read_wav, resample, write_wav
+from avatalk.streaming.audio import float_to_pcm16, pcm16_to_float, read_wav, resample
 from avatalk.streaming.protocol import BinaryKind, decode_binary
 
 Event = dict[str, Any]

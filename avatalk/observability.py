@@ -11,11 +11,17 @@ client receives, without the engine knowing about metrics. Current state
 (sessions, jobs) is read from the app when Prometheus scrapes, so a gauge can
 never drift from the truth because some code path forgot to decrement it.
 
+Wiring: ``setup_metrics(app)`` in the app factory; a transport passes
+``metrics.observe(output)`` to the ``ConversationSession`` it creates, calls
+``metrics.session_started(transport)`` once the session is admitted and
+``metrics.record_error(code)`` for refusals it sends before any session exists.
+
 Logs: ``configure_logging`` installs one handler with either a text or a JSON
 lines formatter. Session and turn ids come from context variables that a
-``logging.Filter`` copies onto every record; asyncio tasks inherit the context
-they were created in, so setting ``session_id_var`` once where a session starts
-labels every log line of that session's tasks.
+``logging.Filter`` copies onto every record. asyncio tasks inherit the context
+they were created in, so setting ``session_id_var`` where a session starts
+labels the logs of the tasks started from there; ``task_context`` labels a
+task explicitly wherever it is created.
 """
 
 from __future__ import annotations
@@ -69,7 +75,8 @@ class _AppStateCollector(Collector):
             return
         registry = getattr(state, "sessions", None)
         if registry is not None:
-            # Every session is in the registry; WebRTC ones are also in the calls table once answered.
+            # Every session is in the registry; WebRTC ones are also in the calls table once answered
+            # (a call still negotiating its offer, for milliseconds, counts as ws).
             webrtc = len(getattr(state, "webrtc_calls", {}))
             sessions = GaugeMetricFamily(
                 "avatalk_active_sessions", "Conversation sessions open now", labels=["transport"]
@@ -261,11 +268,13 @@ class ContextFilter(logging.Filter):
         return True
 
 
-# Attributes every LogRecord has; anything else on a record came from ``extra=``.
+# Attributes every LogRecord has; anything else on a record came from ``extra=``. (uvicorn adds
+# ``color_message``, the message with terminal colour codes, which has no place in JSON.)
 _RECORD_ATTRIBUTES = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message",
     "asctime",
     "taskName",
+    "color_message",
 }
 _ID_FIELDS = ("session_id", "turn_id")
 

@@ -8,7 +8,8 @@ reply to finish. It prints each failed turn as it happens, then:
 - turns completed and failed;
 - p50/p95 of end of user speech -> first reply audio, as the server marked it
   (``first_audio``) and as the client saw it (from the moment the last speech
-  sample was sent to the first reply audio received);
+  sample was sent to the first reply audio received), and of the server's
+  earlier marks (ASR final, LLM first token, first sentence, TTS first audio);
 - the server's resident memory (VmRSS) sampled every 10 s, with its growth
   from start to end: a leak shows as steady growth over a ``--minutes 30`` soak.
 
@@ -58,7 +59,13 @@ TURN_TIMEOUT_S = 90.0  # from the end of the question to the end of the reply
 PAUSE_BETWEEN_TURNS_S = 0.5
 RSS_INTERVAL_S = 10.0
 READY_TIMEOUT_S = 300.0
-GRACE_S = 150.0  # the longest a turn started just before the end may still take
+GRACE_S = 150.0
+STAGES = (
+    "asr_final",
+    "llm_first_token",
+    "first_sentence",
+    "tts_first_audio",
+)  # the longest a turn started just before the end may still take
 
 
 @dataclass
@@ -68,7 +75,7 @@ class Turn:
     session: int
     index: int
     status: str  # the response's status, or "timeout" / "error"
-    server_first_audio_ms: float | None = None
+    marks_ms: dict[str, float] = field(default_factory=dict)  # the server's latency marks of the turn
     client_first_audio_ms: float | None = None
     detail: str = ""
 
@@ -159,7 +166,7 @@ async def ask(client: AvatalkClient, question: np.ndarray, session: int, index: 
     errors = [e for e in client.events[mark:] if e["type"] == "error"]
     if errors:
         turn.detail = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors)
-    turn.server_first_audio_ms = done.get("latency_ms", {}).get("first_audio")
+    turn.marks_ms = dict(done.get("latency_ms", {}))
     first = next((chunk for chunk in client.audio[audio_mark:] if chunk.received_at >= speech_end), None)
     if first is not None:
         turn.client_first_audio_ms = (first.received_at - speech_end) * 1000.0
@@ -254,17 +261,18 @@ def report(args: argparse.Namespace, turns: list[Turn], sampler: RssSampler | No
     print(f"turns: {len(completed)} completed, {len(failed)} failed, {len(turns)} in all")
     for turn in failed:
         print(f"  failed: session {turn.session} turn {turn.index}: {turn.status} {turn.detail}")
-    print(f"{'end of speech -> first reply audio (ms)':<42} {'n':>4} {'p50':>8} {'p95':>8}")
-    for name, values in (
+    rows = [
         (
-            "server mark (first_audio)",
-            [t.server_first_audio_ms for t in completed if t.server_first_audio_ms is not None],
+            "first reply audio, server mark",
+            [t.marks_ms["first_audio"] for t in completed if "first_audio" in t.marks_ms],
         ),
-        (
-            "client (last sample sent -> received)",
-            [t.client_first_audio_ms for t in completed if t.client_first_audio_ms is not None],
-        ),
-    ):
+        ("first reply audio, client", [t.client_first_audio_ms for t in completed if t.client_first_audio_ms]),
+    ]
+    # Where the time went: the server's earlier marks of the same turns.
+    for stage in STAGES:
+        rows.append((f"  stage {stage}", [t.marks_ms[stage] for t in completed if stage in t.marks_ms]))
+    print(f"{'ms after the end of user speech':<42} {'n':>4} {'p50':>8} {'p95':>8}")
+    for name, values in rows:
         if values:
             print(f"{name:<42} {len(values):>4} {statistics.median(values):>8.1f} {percentile(values, 95):>8.1f}")
         else:

@@ -12,9 +12,10 @@ case.
    ``render`` one tick ahead from a worker thread; reply audio arrives in
    1 s chunks 0.3 s before it is played, as streamed TTS would. Reported:
    late frames (idle frames shown because the generated one missed its
-   tick), chunk latency (a chunk's arrival until every frame it made
-   computable is ready), frame latency (submission to ready), GPU memory.
-   The largest N with under 1 % late frames is the capacity.
+   tick), mean batch, the share of time the GPU worker was busy, chunk
+   latency (a chunk's arrival until every frame it made computable is
+   ready), frame latency (submission to ready) and GPU memory. The
+   largest N with under 1 % late frames is the capacity.
 
 Usage: python bench/musetalk.py [--device cuda|cpu] [--quick] [--compile reduce-overhead]
                                 [--batch-sizes 1,2,4,8,16,32] [--sessions 4,8,12,16,20,24] [--seconds 10]
@@ -29,7 +30,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +70,8 @@ def throughput(generator: FrameGenerator, sizes: list[int], iterations: int) -> 
         latents = torch.randn(size, 8, 32, 32, device=models.device, dtype=models.dtype)
         shape = (size, models.audio.tokens, models.audio.d_model)
         features = torch.randn(shape, device=models.device, dtype=models.dtype)
-        generator.generate(latents, features)  # warm-up
+        for _ in range(3):  # warm-up: kernels are picked and memory is allocated on the first calls
+            generator.generate(latents, features)
         if cuda:
             torch.cuda.reset_peak_memory_stats(models.device)
         started = time.perf_counter()
@@ -91,6 +93,7 @@ class Run:
     frame_latency: list[float] = field(default_factory=list)
     peak_mib: float = float("nan")
     mean_batch: float = 0.0
+    busy: float = 0.0  # share of the wall time the scheduler spent running batches
 
 
 class Probe:
@@ -150,7 +153,8 @@ def drive(session: MuseTalkSession, audio: np.ndarray, start: float, chunks: lis
 def run_sessions(renderer: MuseTalkRenderer, avatar: LoadedAvatar, count: int, seconds: float, output_size: int) -> Run:
     sessions = [renderer.open(avatar, output_size) for _ in range(count)]
     probe = Probe(renderer)
-    stats_before = (renderer.scheduler.stats.batches, renderer.scheduler.stats.frames)
+    before = replace(renderer.scheduler.stats)
+    started = time.monotonic()
     cuda = renderer.models.device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(renderer.models.device)
@@ -182,8 +186,10 @@ def run_sessions(renderer: MuseTalkRenderer, avatar: LoadedAvatar, count: int, s
                 made = [ready for submitted, ready in frames if chunk.seen[0] <= submitted <= chunk.seen[1]]
                 if made:  # the frames the chunk's audio made computable at once
                     run.chunk_latency.append(max(made) - chunk.arrival)
-    batches = renderer.scheduler.stats.batches - stats_before[0]
-    run.mean_batch = (renderer.scheduler.stats.frames - stats_before[1]) / batches if batches else 0.0
+    after = renderer.scheduler.stats
+    batches = after.batches - before.batches
+    run.mean_batch = (after.frames - before.frames) / batches if batches else 0.0
+    run.busy = (after.busy_s - before.busy_s) / (time.monotonic() - started)
     if cuda:
         run.peak_mib = torch.cuda.max_memory_allocated(renderer.models.device) / 2**20
     del renderer.scheduler.submit  # drop the probe
@@ -237,7 +243,7 @@ def main() -> None:
             f"budget {settings.frame_budget_ms:.0f} ms, look-ahead {settings.look_ahead_ms} ms)"
         )
         print(
-            f"{'sessions':>8} {'frames':>7} {'late %':>7} {'batch':>6} {'chunk p50/p95 ms':>17} "
+            f"{'sessions':>8} {'frames':>7} {'late %':>7} {'batch':>6} {'busy %':>7} {'chunk p50/p95 ms':>17} "
             f"{'frame p50/p95 ms':>17} {'peak GPU MiB':>13}"
         )
         for count in [int(s) for s in args.sessions.split(",")]:
@@ -247,7 +253,8 @@ def main() -> None:
             chunk = f"{percentile(run.chunk_latency, 50) * 1000:.0f}/{percentile(run.chunk_latency, 95) * 1000:.0f}"
             frame = f"{percentile(run.frame_latency, 50) * 1000:.0f}/{percentile(run.frame_latency, 95) * 1000:.0f}"
             print(
-                f"{count:>8} {run.frames:>7} {late:>7.2f} {run.mean_batch:>6.1f} {chunk:>17} {frame:>17} "
+                f"{count:>8} {run.frames:>7} {late:>7.2f} {run.mean_batch:>6.1f} {100 * run.busy:>7.0f} "
+                f"{chunk:>17} {frame:>17} "
                 f"{run.peak_mib:>13.0f}"
             )
             if late > 10.0 and not args.quick:

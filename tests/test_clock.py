@@ -100,3 +100,14 @@ async def test_every_frame_is_paired_with_exactly_its_audio():
         assert len(tick.render_audio) == 640
         assert start < float(tick.frame[0]) < end
     assert all(tick.audio is None and tick.frame is None for tick in received[len(speaking) :])
+
+
+async def test_peek_shows_the_coming_render_audio_without_consuming_it():
+    clock = MediaClock(24000)
+    await clock.enqueue(1, np.arange(2400) / 24000.0, np.arange(1600) / 16000.0)  # 100 ms = 2.5 ticks
+    await clock.enqueue(2, np.ones(960), np.ones(640))  # another turn: never peeked into
+    peeked = clock.peek_render_audio(10)
+    assert len(peeked) == 3 * 640
+    taken = np.concatenate([clock.next_tick().render_audio for _ in range(3)])
+    np.testing.assert_array_equal(peeked, taken)
+    assert clock.next_tick().turn_id == 2

@@ -294,7 +294,6 @@ async def test_slow_renderer_degrades_to_idle_frames(live_server_factory, engine
 async def test_video_session_sends_one_frame_per_audio_tick(server, speech, tmp_path):
     import av
 
-    from avatalk.streaming.images import decode_jpeg
 
     question = np.concatenate([np.zeros(8000, np.float32), speech("What is two plus two?")])
     wav = tmp_path / "question.wav"

@@ -123,7 +123,7 @@ class RenderJobHandler:
     def _get_renderer(self) -> Renderer:
         with self._lock:
             if self._renderer is None:
-                self._renderer = create_renderer(self.settings.avatars.renderer)
+                self._renderer = create_renderer(self.settings.avatars.renderer, self.settings.musetalk)
             return self._renderer
 
     def __call__(self, context: JobContext) -> JobOutcome:

@@ -142,6 +142,41 @@ class MediaClock:
         self._space_freed.set()
         return Tick(index, out, turn_id, spans, render_out)
 
+    def peek_render_audio(self, max_ticks: int) -> np.ndarray:
+        """The 16 kHz audio the next ``max_ticks`` ticks will carry (current turn only), not consumed.
+
+        Lets a renderer that needs audio context after a frame (MuseTalk's
+        Whisper window) generate frames ahead of playback.
+        """
+        out = np.zeros(max_ticks * RENDER_SAMPLES_PER_TICK, np.float32)
+        if not self._segments:
+            return out[:0]
+        turn_id = self._segments[0].turn_id
+        offsets: dict[int, int] = {}
+        index = ticks = 0
+        while ticks < max_ticks and index < len(self._segments) and self._segments[index].turn_id == turn_id:
+            filled, base = 0, ticks * RENDER_SAMPLES_PER_TICK
+            while (
+                filled < self.samples_per_tick
+                and index < len(self._segments)
+                and self._segments[index].turn_id == turn_id
+            ):
+                segment = self._segments[index]
+                offset = offsets.get(index, segment.offset)
+                take = min(self.samples_per_tick - filled, len(segment.samples) - offset)
+                if segment.render_samples is not None:
+                    scale = len(segment.render_samples) / len(segment.samples)
+                    piece = segment.render_samples[round(offset * scale) : round((offset + take) * scale)]
+                    at = round(filled * RENDER_SAMPLES_PER_TICK / self.samples_per_tick)
+                    piece = piece[: RENDER_SAMPLES_PER_TICK - at]
+                    out[base + at : base + at + len(piece)] = piece
+                offsets[index] = offset + take
+                filled += take
+                if offsets[index] >= len(segment.samples):
+                    index += 1
+            ticks += 1
+        return out[: ticks * RENDER_SAMPLES_PER_TICK]
+
     async def run(
         self,
         sink: Callable[[Tick], Awaitable[None]],

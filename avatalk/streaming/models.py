@@ -38,7 +38,7 @@ class EngineModels:
             asr=WhisperASR(settings.asr_model_path(), settings.asr),
             llm=create_llm(settings),
             tts=create_tts(settings),
-            renderer=create_renderer(settings.avatars.renderer),
+            renderer=create_renderer(settings.avatars.renderer, settings.musetalk),
         )
         logger.info("models loaded in %.1f s", time.perf_counter() - started)
         return models

@@ -357,12 +357,19 @@ class ConversationSession:
             await self._frame_late(tick)
             return
         reset, self._renderer_reset = self._renderer_reset, False
+        # Renderers that generate ahead (MuseTalk) get the audio the next ticks will carry.
+        look_ahead = getattr(renderer, "look_ahead", None)
+        upcoming = None
+        if speaking and look_ahead is not None and self.clock is not None:
+            upcoming = self.clock.peek_render_audio(renderer.look_ahead_ticks)  # type: ignore[attr-defined]
 
         def render() -> np.ndarray:
             if reset:
                 renderer.reset()
             if not speaking:
                 return renderer.idle_frame(tick.index)
+            if upcoming is not None and look_ahead is not None:
+                look_ahead(tick.index, np.concatenate([tick.render_audio, upcoming]))
             return renderer.render(tick.index, tick.render_audio)
 
         self._render_job = asyncio.ensure_future(asyncio.to_thread(render))

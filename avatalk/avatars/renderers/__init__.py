@@ -18,7 +18,13 @@ from avatalk.avatars.renderers.base import (
     cycle_frame,
     output_shape_for,
 )
-from avatalk.avatars.renderers.classic import ClassicRenderer, ClassicSession, MouthDriver, MouthPose
+from avatalk.avatars.renderers.classic import (
+    ClassicRenderer,
+    ClassicSession,
+    MouthDriver,
+    MouthPose,
+)
+from avatalk.config import MuseTalkSettings
 
 __all__ = [
     "RENDERER_NAMES",
@@ -40,7 +46,7 @@ __all__ = [
 RENDERER_NAMES = ("classic", "musetalk")
 
 
-def create_renderer(name: str) -> Renderer:
+def create_renderer(name: str, musetalk: MuseTalkSettings | None = None) -> Renderer:
     """The renderer called ``name``: "classic" (CPU) or "musetalk" (GPU, settings ``AVATALK_MUSETALK__*``).
 
     "musetalk" loads its weights here (seconds). It raises
@@ -58,5 +64,5 @@ def create_renderer(name: str) -> Renderer:
                 f"the musetalk renderer is not available: it needs torch, diffusers and transformers ({error}); "
                 "install them with `pip install -e '.[gpu]'`, or use AVATALK_AVATARS__RENDERER=classic"
             ) from error
-        return MuseTalkRenderer()
+        return MuseTalkRenderer(musetalk)
     raise ValueError(f"unknown renderer {name!r}; choose one of: {', '.join(RENDERER_NAMES)}")

@@ -16,7 +16,7 @@ from avatalk.avatars.renderers.musetalk.latents import ensure_latents, load_late
 from avatalk.avatars.renderers.musetalk.loader import MuseTalkModels, MuseTalkWeightsError, load_musetalk
 from avatalk.avatars.renderers.musetalk.renderer import MuseTalkRenderer, MuseTalkSession, RenderStats
 from avatalk.avatars.renderers.musetalk.scheduler import RenderScheduler, SchedulerStats
-from avatalk.avatars.renderers.musetalk.settings import MuseTalkSettings
+from avatalk.config import MuseTalkSettings
 
 __all__ = [
     "AudioFeatureStream",

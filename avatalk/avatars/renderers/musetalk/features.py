@@ -223,11 +223,6 @@ class AudioFeatureStream:
         self._released = 0
 
     @property
-    def known_samples(self) -> int:
-        """Samples of the segment received so far."""
-        return self._known
-
-    @property
     def known_blocks(self) -> int:
         """Blocks (ticks) whose audio is entirely known."""
         return self._known // SAMPLES_PER_BLOCK

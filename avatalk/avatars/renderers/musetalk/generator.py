@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from avatalk.avatars.renderers.musetalk.loader import MuseTalkModels
-from avatalk.avatars.renderers.musetalk.settings import CompileMode
+from avatalk.config import CompileMode
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,10 @@ class FrameGenerator:
         self.device = models.device
         self.dtype = models.dtype
         self.max_batch = max_batch
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        # Channels-last feeds the tensor cores; on a CPU it mostly makes convolutions slower.
+        self.memory_format = (
+            torch.channels_last if channels_last and self.device.type == "cuda" else torch.contiguous_format
+        )
         networks: tuple[torch.nn.Module, ...] = (models.unet, models.vae)
         for network in networks:
             network.to(memory_format=self.memory_format)  # type: ignore[call-overload]  # missing from torch's stubs

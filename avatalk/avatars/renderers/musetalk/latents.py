@@ -39,7 +39,6 @@ from avatalk.avatars.renderers.musetalk.loader import (
     resolve_device,
     resolve_dtype,
 )
-from avatalk.avatars.renderers.musetalk.settings import MuseTalkSettings
 from avatalk.avatars.store import (
     MANIFEST_NAME,
     AvatarManifest,
@@ -211,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="recompute even when valid latents exist")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    musetalk = MuseTalkSettings()
+    musetalk = Settings().musetalk
     try:
         device = resolve_device(musetalk.device)
         dtype = resolve_dtype(musetalk.dtype, device)

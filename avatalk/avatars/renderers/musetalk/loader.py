@@ -193,8 +193,6 @@ def check_unet_config(config: dict[str, Any], path: Path) -> None:
         raise MuseTalkWeightsError(f"{path}: _class_name is {name!r}, not a MuseTalk UNet (UNet2DConditionModel)")
     for key, value in expected.items():
         actual = config.get(key)
-        if isinstance(actual, tuple):
-            actual = list(actual)
         if actual != value:
             raise MuseTalkWeightsError(
                 f"{path}: {key} is {actual!r} but MuseTalk v1.5 needs {value!r}; this is not the musetalk.json "

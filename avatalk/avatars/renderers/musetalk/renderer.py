@@ -68,7 +68,7 @@ from avatalk.avatars.renderers.musetalk.generator import FrameGenerator
 from avatalk.avatars.renderers.musetalk.latents import compute_latents, load_latents, store_latents
 from avatalk.avatars.renderers.musetalk.loader import MuseTalkModels, load_musetalk
 from avatalk.avatars.renderers.musetalk.scheduler import RenderScheduler
-from avatalk.avatars.renderers.musetalk.settings import MuseTalkSettings
+from avatalk.config import MuseTalkSettings, Settings
 from avatalk.avatars.store import LoadedAvatar
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,7 @@ class MuseTalkRenderer(Renderer):
     def __init__(
         self, settings: MuseTalkSettings | None = None, *, models: MuseTalkModels | None = None, max_avatars: int = 4
     ) -> None:
-        self.settings = settings or MuseTalkSettings()
+        self.settings = settings or Settings().musetalk
         self.models = models or load_musetalk(
             self.settings.models_dir, device=self.settings.device, dtype=self.settings.dtype
         )

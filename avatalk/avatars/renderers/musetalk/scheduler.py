@@ -21,7 +21,6 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -71,14 +70,12 @@ class RenderScheduler:
         max_batch: int,
         batch_window_s: float = 0.002,
         warmup: bool = False,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """With ``warmup``, the worker first runs ``generator.warmup()`` (compilation) and this waits for it."""
         self.generator = generator
         self.max_batch = min(max_batch, generator.max_batch)
         self.batch_window_s = batch_window_s
         self.stats = SchedulerStats()
-        self._clock = clock
         self._queue: list[_Job] = []
         self._sequence = itertools.count()
         self._cost: dict[int, float] = {}
@@ -88,17 +85,6 @@ class RenderScheduler:
         self._thread = threading.Thread(target=self._loop, args=(warmup,), name="musetalk-scheduler", daemon=True)
         self._thread.start()
         self._ready.wait()
-
-    @property
-    def queued(self) -> int:
-        """Frames waiting for a batch."""
-        with self._condition:
-            return len(self._queue)
-
-    def expected_batch_s(self, size: int) -> float:
-        """Running estimate of how long a batch of ``size`` frames takes (0 before any has run)."""
-        with self._condition:
-            return self._estimate(size)
 
     def submit(self, latents: torch.Tensor, features: np.ndarray, deadline: float) -> Future[np.ndarray | None]:
         """Queue one frame; the future gives its 256 x 256 RGB face, or None if it could not be on time.
@@ -113,7 +99,7 @@ class RenderScheduler:
             if self._closed:  # shutting down: the session shows idle frames
                 future.set_result(None)
                 return future
-            job = _Job(deadline, next(self._sequence), latents, features, future, self._clock())
+            job = _Job(deadline, next(self._sequence), latents, features, future, time.monotonic())
             heapq.heappush(self._queue, job)
             self._condition.notify()
         return future
@@ -128,6 +114,7 @@ class RenderScheduler:
     # --- the worker ----------------------------------------------------------------
 
     def _estimate(self, size: int) -> float:
+        """Running estimate of how long a batch of ``size`` frames takes (0 before any has run)."""
         if not self._cost:
             return 0.0
         known = [s for s in self._cost if s >= size]
@@ -163,7 +150,7 @@ class RenderScheduler:
                 return None
             # A lone frame waits briefly for frames of other sessions, unless that would make it late.
             while len(self._queue) < self.max_batch and not self._closed:
-                now = self._clock()
+                now = time.monotonic()
                 oldest = min(job.submitted for job in self._queue)
                 slack = self._queue[0].deadline - self._estimate(len(self._queue) + 1) - now
                 wait = min(oldest + self.batch_window_s - now, slack)
@@ -171,7 +158,7 @@ class RenderScheduler:
                     break
                 self._condition.wait(wait)
             batch: list[_Job] = []
-            now = self._clock()
+            now = time.monotonic()
             while self._queue and len(batch) < self.max_batch:
                 job = heapq.heappop(self._queue)
                 if not job.future.set_running_or_notify_cancel():
