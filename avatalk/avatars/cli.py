@@ -130,3 +130,17 @@ def delete(avatar_id: str = typer.Argument(..., help="id of the avatar to delete
     except AvatarNotFound as error:
         raise _fail(errors, str(error)) from None
     typer.echo(f"deleted avatar {avatar_id!r}")
+
+
+@app.command("add-latents")
+def add_latents(
+    avatar_ids: list[str] = typer.Argument(..., help="avatars to prepare for MuseTalk"),
+    force: bool = typer.Option(False, help="recompute even when valid latents exist"),
+) -> None:
+    """Store MuseTalk VAE latents in prepared avatars (needs the MuseTalk weights; see docs/avatars.md)."""
+    try:
+        from avatalk.avatars.renderers.musetalk.latents import main as latents_main
+    except ImportError as error:
+        typer.echo(f"error: the MuseTalk renderer needs torch, diffusers and transformers: {error}", err=True)
+        raise typer.Exit(1) from error
+    raise typer.Exit(latents_main([*avatar_ids, *(["--force"] if force else [])]))
