@@ -32,6 +32,8 @@ def test_parses_text_input():
         ('{"type":"session.update","session":{"bogus":1}}', "invalid_event"),
         ('{"type":"conversation.item.create","text":""}', "invalid_event"),
         ('{"type":"session.update","session":{"input_sample_rate":"fast"}}', "invalid_event"),
+        ("[" * 100000 + "]" * 100000, "invalid_json"),
+        ('{"type":"session.update","session":{"input_sample_rate":' + "7" * 5000 + "}}", "invalid_json"),
     ],
 )
 def test_bad_frames_have_precise_codes(frame, code):

@@ -125,5 +125,8 @@ async def _serve(websocket: WebSocket, session: ConversationSession, output: Web
                 await session.handle_event(parse_client_event(text))
         except ProtocolError as error:
             await output.send_event("error", code=error.code, message=error.message)
+        except Exception:  # a bug must cost one message, not the session
+            logger.exception("session %s: a client message failed", session.id)
+            await output.send_event("error", code="internal_error", message="the server could not handle that message")
         if not output.open:
             return

@@ -93,6 +93,8 @@ def parse_client_event(text: str) -> SessionUpdate | TextInput | ResponseCancel 
         data = json.loads(text)
     except json.JSONDecodeError as error:
         raise ProtocolError("invalid_json", f"text frames must be JSON objects: {error.msg} at position {error.pos}")
+    except (ValueError, RecursionError) as error:  # e.g. nesting too deep, a 5000-digit number
+        raise ProtocolError("invalid_json", f"the JSON cannot be decoded: {str(error)[:120]}")
     if not isinstance(data, dict):
         raise ProtocolError("invalid_json", "text frames must be JSON objects with a 'type' field")
     kind = data.get("type")

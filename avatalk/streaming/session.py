@@ -186,7 +186,10 @@ class ConversationSession:
         else:
             for name in ("input_sample_rate", "output_sample_rate", "avatar", "video", "video_size"):
                 value = getattr(options, name)
-                current = self._renderer is not None if name == "video" else getattr(self, name)
+                current = {
+                    "video": self._renderer is not None,
+                    "avatar": self.avatar_id,
+                }.get(name, getattr(self, name, None))
                 if value is not None and value != current:
                     raise ProtocolError("invalid_session_config", f"{name} cannot change once the session started")
         if options.persona is not None:
