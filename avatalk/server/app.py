@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import Any
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
@@ -107,4 +109,34 @@ def create_app(settings: Settings, models: EngineModels | None = None) -> FastAP
         return FileResponse(web_client / "embed.js", media_type="text/javascript")
 
     app.mount("/static", StaticFiles(directory=web_client), name="static")
+
+    def openapi_schema() -> dict[str, Any]:
+        """The generated schema, with error bodies as they really are.
+
+        Every error is ``{"detail": ...}``: a sentence for errors the routes
+        raise, FastAPI's list of field errors for a malformed body; both can
+        answer 422 on the same route, so both shapes are declared.
+        """
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            detail = {
+                "anyOf": [
+                    {"type": "string"},
+                    {"type": "array", "items": {"$ref": "#/components/schemas/ValidationError"}},
+                ],
+                "title": "Detail",
+            }
+            for name in ("HTTPValidationError", "ErrorOut"):
+                component = schema.get("components", {}).get("schemas", {}).get(name)
+                if component is not None:
+                    component["properties"]["detail"] = detail
+            # A body that is not even decodable (bad encoding, broken JSON) is refused with 400.
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    if "requestBody" in operation:
+                        operation["responses"].setdefault("400", {"description": "the body cannot be decoded"})
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi_schema  # type: ignore[method-assign]
     return app
