@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 from pathlib import Path
 
 import typer
 
 from avatalk.avatars.cli import app as avatar_app
+from avatalk.doctor import doctor as doctor_command
 from avatalk.config import Settings
 
 app = typer.Typer(help="avatalk: a real-time talking-avatar conversation server.", no_args_is_help=True)
 app.add_typer(avatar_app, name="avatar", help="Prepare, list and delete avatars.")
-
-
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 @app.command()
@@ -28,6 +24,7 @@ def serve(
     """Load the models and serve the API and the WebSocket."""
     import uvicorn
 
+    from avatalk.observability import configure_logging
     from avatalk.server.app import create_app
     from avatalk.server.auth import check_exposure
 
@@ -36,7 +33,7 @@ def serve(
         settings.host = host
     if port is not None:
         settings.port = port
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level, json=settings.log_json)
     try:
         check_exposure(settings)
     except RuntimeError as error:
@@ -51,6 +48,7 @@ def serve(
         ws_max_size=settings.limits.max_ws_message_bytes,
         timeout_graceful_shutdown=int(settings.limits.drain_s) + 5,
         log_level=settings.log_level.lower(),
+        log_config=None,  # keep the handlers configure_logging installed
     )
 
 
@@ -68,7 +66,7 @@ def talk(
 ) -> None:
     """Speak a WAV file to a running server at real-time pace and save the spoken reply."""
     from avatalk.client import talk as run_talk
-    from avatalk.client import write_wav
+    from avatalk.streaming.audio import write_wav
 
     try:
         result = asyncio.run(
@@ -138,6 +136,9 @@ def render(
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1)
     typer.echo(f"wrote {result.path} ({result.frames} frames, {result.seconds:.1f} s)")
+
+
+app.command("doctor")(doctor_command)
 
 
 @app.command("hash-key")

@@ -244,6 +244,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_level: str = "info"
+    log_json: bool = Field(False, description="structured JSON log lines (with session and turn ids)")
     data_dir: Path = Field(Path("data"), description="avatars, jobs database and renders live here")
 
     vad: VADSettings = VADSettings()

@@ -10,7 +10,8 @@ import httpx
 import numpy as np
 import pytest
 
-from avatalk.client import AvatalkClient, talk, write_wav
+from avatalk.client import AvatalkClient, talk
+from avatalk.streaming.audio import write_wav
 from avatalk.streaming.audio import rms_dbfs
 from avatalk.streaming.models import EngineModels
 

@@ -20,6 +20,7 @@ from avatalk.config import Settings
 from avatalk.server.avatars_api import router as avatars_router
 from avatalk.server.avatars_api import setup_avatars, shutdown_avatars
 from avatalk.server.renders_api import router as renders_router
+from avatalk.observability import setup_metrics
 from avatalk.server.auth import AuthMiddleware, Authenticator, RateLimiter, check_exposure
 from avatalk.server.sessions import SessionRegistry
 from avatalk.server.tokens_api import router as tokens_router
@@ -74,6 +75,7 @@ def create_app(settings: Settings, models: EngineModels | None = None) -> FastAP
     app.state.models = None
     app.state.sessions = SessionRegistry(settings.limits.max_sessions)
     app.state.webrtc_calls = {}
+    setup_metrics(app)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
@@ -135,6 +137,10 @@ def create_app(settings: Settings, models: EngineModels | None = None) -> FastAP
                 for operation in operations.values():
                     if "requestBody" in operation:
                         operation["responses"].setdefault("400", {"description": "the body cannot be decoded"})
+            for path in ("/v1/avatars", "/v1/avatars/from-path", "/v1/renders", "/v1/renders/from-audio"):
+                limited = schema.get("paths", {}).get(path, {}).get("post")
+                if limited is not None:
+                    limited["responses"].setdefault("429", {"description": "too many jobs created this minute"})
             app.openapi_schema = schema
         return app.openapi_schema
 

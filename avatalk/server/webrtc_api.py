@@ -123,11 +123,16 @@ async def webrtc_offer(body: OfferIn, request: Request) -> AnswerOut:
 
     pc = RTCPeerConnection(rtc_configuration(settings.webrtc.ice_servers))
     output = WebRTCOutput(settings.webrtc.output_sample_rate)
-    session = ConversationSession(uuid.uuid4().hex[:12], models, settings, output, request.app.state.avatar_store)
+    metrics = request.app.state.metrics
+    session = ConversationSession(
+        uuid.uuid4().hex[:12], models, settings, metrics.observe(output), request.app.state.avatar_store
+    )
     refusal = registry.try_add(session, getattr(request.state, "principal", OPEN))
     if refusal is not None:
+        metrics.record_error("server_full")
         await close_peer(pc)
         raise HTTPException(503, refusal, headers={"Retry-After": "30"})
+    metrics.session_started("webrtc")
     call = Call(session, pc, output)
     calls = _calls(request)
 
@@ -155,7 +160,7 @@ async def webrtc_offer(body: OfferIn, request: Request) -> AnswerOut:
 
     @pc.on("datachannel")
     def on_datachannel(channel: object) -> None:
-        channel.on("message", lambda message: handle_channel_message(message, session.handle_event, output))  # type: ignore[attr-defined]
+        channel.on("message", lambda message: handle_channel_message(message, session.handle_event, session.output))  # type: ignore[attr-defined]
         output.attach_channel(channel)
         if body.greeting:
             session.greet()

@@ -67,17 +67,21 @@ async def conversation(websocket: WebSocket) -> None:
     await websocket.accept()
     output = WebSocketOutput(websocket, settings.avatars.jpeg_quality)
     models = websocket.app.state.models
+    metrics = websocket.app.state.metrics
     if models is None:
+        metrics.record_error("not_ready")
         await output.send_event("error", code="not_ready", message="the server is still loading its models")
         await websocket.close(CLOSE_TRY_AGAIN_LATER)
         return
     avatars = getattr(websocket.app.state, "avatar_store", None)
-    session = ConversationSession(uuid.uuid4().hex[:12], models, settings, output, avatars)
+    session = ConversationSession(uuid.uuid4().hex[:12], models, settings, metrics.observe(output), avatars)
     refusal = registry.try_add(session, websocket.scope.get("state", {}).get("principal", OPEN))
     if refusal is not None:
+        metrics.record_error("server_full")
         await output.send_event("error", code="server_full", message=refusal)
         await websocket.close(CLOSE_TRY_AGAIN_LATER, "server full")
         return
+    metrics.session_started("ws")
     logger.info("session %s opened (%d active)", session.id, registry.active)
 
     async def end() -> None:
@@ -124,9 +128,11 @@ async def _serve(websocket: WebSocket, session: ConversationSession, output: Web
                     )
                 await session.handle_event(parse_client_event(text))
         except ProtocolError as error:
-            await output.send_event("error", code=error.code, message=error.message)
+            await session.output.send_event("error", code=error.code, message=error.message)
         except Exception:  # a bug must cost one message, not the session
             logger.exception("session %s: a client message failed", session.id)
-            await output.send_event("error", code="internal_error", message="the server could not handle that message")
+            await session.output.send_event(
+                "error", code="internal_error", message="the server could not handle that message"
+            )
         if not output.open:
             return

@@ -29,6 +29,7 @@ from avatalk.config import Settings
 from avatalk.llm import LLMError
 from avatalk.llm.memory import DialogueMemory
 from avatalk.llm.sentences import SentenceSplitter
+from avatalk.observability import task_context
 from avatalk.streaming.asr import TurnTranscriber, ends_sentence
 from avatalk.streaming.audio import ENGINE_SAMPLE_RATE, StreamResampler, pcm16_to_float, resample
 from avatalk.streaming.clock import MediaClock, Tick
@@ -404,7 +405,7 @@ class ConversationSession:
         self.memory.system_prompt = self.persona.system_prompt
 
     def _spawn(self, coro: object, name: str) -> asyncio.Task[None]:
-        task = asyncio.create_task(coro, name=f"{self.id}:{name}")  # type: ignore[arg-type]
+        task = asyncio.create_task(coro, name=f"{self.id}:{name}", context=task_context(self.id))  # type: ignore[arg-type]
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         return task
@@ -500,7 +501,9 @@ class ConversationSession:
         response = _Response(turn_id=turn_id, started_at=started_at)
         self._response = response
         response.task = asyncio.create_task(
-            self._run_response(response, text, audio, fixed_reply, early), name=f"{self.id}:response-{turn_id}"
+            self._run_response(response, text, audio, fixed_reply, early),
+            name=f"{self.id}:response-{turn_id}",
+            context=task_context(self.id, turn_id),
         )
 
     async def _run_response(

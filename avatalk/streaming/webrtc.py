@@ -15,6 +15,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from fractions import Fraction
+from typing import TYPE_CHECKING
 
 import aioice.ice
 import av
@@ -23,6 +24,9 @@ from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConn
 from aiortc.mediastreams import MediaStreamError
 
 from avatalk.config import IceServer
+
+if TYPE_CHECKING:
+    from avatalk.streaming.session import SessionOutput
 from avatalk.streaming.audio import float_to_pcm16
 from avatalk.streaming.protocol import ProtocolError, encode_event, parse_client_event
 
@@ -150,7 +154,7 @@ async def pump_microphone(track: MediaStreamTrack, push: Callable[[bytes], objec
                 await result
 
 
-def handle_channel_message(message: object, handle: Callable[[object], object], output: WebRTCOutput) -> None:
+def handle_channel_message(message: object, handle: Callable[[object], object], output: SessionOutput) -> None:
     """Decode one data-channel message and hand it to the session; errors go back as events."""
 
     async def run() -> None:
