@@ -40,18 +40,8 @@ import httpx
 import numpy as np
 
 from avatalk.client import AvatalkClient, Event
-from avatalk.config import Settings
+from latency import QUESTIONS, synthesise  # bench/ is this script's folder, so on its path
 
-QUESTIONS = [
-    "What is two plus two?",
-    "What is the capital of France?",
-    "Tell me a fun fact about cats.",
-    "How are you today?",
-    "Can you recommend a good book?",
-    "What colour is the sky?",
-    "Why do birds sing in the morning?",
-    "What should I cook for dinner tonight?",
-]
 SAMPLE_RATE = 16000
 LEAD_SILENCE_S = 0.2  # before the question, as a real microphone would send
 MIC_CHUNK_S = 0.02
@@ -108,20 +98,6 @@ class RssSampler:
         while True:
             self.sample_now(started)
             await asyncio.sleep(self.interval_s)
-
-
-def synthesise(texts: list[str]) -> dict[str, np.ndarray]:
-    """Each text spoken by the embedded piper voice, at 16 kHz."""
-    from piper import PiperVoice
-
-    from avatalk.streaming.audio import resample
-
-    voice = PiperVoice.load(str(Settings().tts_model_path()))
-    spoken = {}
-    for text in texts:
-        samples = np.concatenate([chunk.audio_float_array for chunk in voice.synthesize(text)])
-        spoken[text] = resample(samples.astype(np.float32), voice.config.sample_rate, SAMPLE_RATE)
-    return spoken
 
 
 def percentile(values: list[float], q: float) -> float:
