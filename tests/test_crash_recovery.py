@@ -1,0 +1,97 @@
+"""kill -9 during avatar preparation: no job record lost, no half-written avatar."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import cv2
+import httpx
+import numpy as np
+import pytest
+from skimage import data as skimage_data
+
+from avatalk.avatars.jobs import JobState, JobStore
+from avatalk.avatars.store import AvatarStore
+
+pytestmark = pytest.mark.slow
+
+
+def long_face_video(path: Path, seconds: int = 12) -> None:
+    """A moving face, long and large enough that preparing it takes several seconds."""
+    astronaut = skimage_data.astronaut()
+    size = (640, 480)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(seconds * 25):
+            shift = 40 * np.sin(i / 20)
+            matrix = np.float64([[1.2, 0, -60 + shift], [0, 1.2, -20]])
+            frame = cv2.warpAffine(astronaut, matrix, size, borderMode=cv2.BORDER_REFLECT)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_kill_9_during_preparation(tmp_path):
+    video = tmp_path / "long.mp4"
+    long_face_video(video)
+    data_dir = tmp_path / "data"
+    port = free_port()
+    env = dict(os.environ, AVATALK_DATA_DIR=str(data_dir), AVATALK_PORT=str(port), AVATALK_LOG_LEVEL="warning")
+    server = subprocess.Popen([sys.executable, "-m", "avatalk.cli", "serve"], env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline and server.poll() is None, "server did not start"
+            time.sleep(0.3)
+        with video.open("rb") as upload:
+            accepted = httpx.post(
+                f"{base}/v1/avatars", data={"id": "victim"}, files={"file": ("long.mp4", upload, "video/mp4")}, timeout=60
+            )
+        assert accepted.status_code == 202, accepted.text
+        job_id = accepted.json()["job"]["id"]
+        while True:
+            job = httpx.get(f"{base}/v1/jobs/{job_id}", timeout=5).json()
+            if job["state"] == "running" and job["progress"] > 0.05:
+                break
+            assert job["state"] in ("queued", "running"), job
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        server.send_signal(signal.SIGKILL)
+        server.wait(timeout=30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+    avatars = data_dir / "avatars"
+    assert not (avatars / "victim").exists()  # never a half-written avatar under its real name
+    assert [manifest.id for manifest in AvatarStore(avatars, stale_after_s=0).list()] == ["ava"]
+    assert not [p for p in avatars.iterdir() if p.name.startswith(".tmp-")]  # reopening cleans the debris
+    store = JobStore(data_dir / "jobs.sqlite3")
+    try:
+        job = store.get(job_id)
+        assert job.state is JobState.FAILED and "restart" in (job.message or "")
+    finally:
+        store.close()
