@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import cv2
 import httpx
 import numpy as np
 import pytest
+from fakes import free_port
 from skimage import data as skimage_data
 
 from avatalk.avatars.jobs import JobState, JobStore
@@ -41,10 +41,6 @@ def long_face_video(path: Path, seconds: int = 12) -> None:
             container.mux(packet)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_kill_9_during_preparation(tmp_path):

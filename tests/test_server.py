@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 
 import httpx
 import numpy as np
 import pytest
+from fakes import free_port
 
 from avatalk.client import AvatalkClient, talk
 from avatalk.streaming.audio import write_wav
@@ -186,16 +186,12 @@ async def test_full_server_refuses_clearly(live_server_factory):
     await first.close()
 
 
-def unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def test_dead_llm_server_is_an_error_event_not_a_crash(live_server_factory, engine_models):
     from avatalk.llm.openai_compatible import OpenAICompatibleLLM
 
-    dead = OpenAICompatibleLLM(base_url=f"http://127.0.0.1:{unused_port()}/v1", model="x", timeout_s=2.0)
+    dead = OpenAICompatibleLLM(base_url=f"http://127.0.0.1:{free_port()}/v1", model="x", timeout_s=2.0)
     models = EngineModels(vad=engine_models.vad, asr=engine_models.asr, llm=dead, tts=engine_models.tts)
     server = live_server_factory(models=models)
     client = await open_session(server.ws_url)
