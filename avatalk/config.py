@@ -88,7 +88,9 @@ class LLMSettings(BaseModel):
         1, ge=1, description="llama.cpp threads; 1 leaves a core to ASR/TTS/rendering, which lowers latency on 2 cores"
     )
     timeout_s: float = Field(20.0, gt=0, description="connect/read timeout for remote servers")
-    first_token_timeout_s: float = Field(15.0, gt=0, description="a reply whose first token takes longer fails over")
+    first_token_timeout_s: float = Field(
+        30.0, gt=0, description="a reply whose first token takes longer fails over (includes waiting for a shared model)"
+    )
 
 
 class TTSSettings(BaseModel):

@@ -51,7 +51,7 @@ from avatalk.tts import TTSError
 logger = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT_SAMPLE_RATE = 24000
-FIRST_AUDIO_HOLD_S = 2.0  # longest the LLM waits for the first sentence's audio
+FIRST_AUDIO_HOLD_S = 0.5  # longest the LLM waits for the first sentence's audio (it keeps the model meanwhile)
 RENDER_BUDGET_S = 0.060  # a frame later than this (clock lead 40 ms + slack) is replaced by an idle frame
 
 
