@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from avatalk.fair_lock import FairLock
 from avatalk.llm.base import LLM, ChatMessage, LLMError
 from avatalk.threads import iterate_in_thread
 
@@ -23,10 +24,6 @@ if TYPE_CHECKING:
     from llama_cpp import Llama
 
 logger = logging.getLogger(__name__)
-
-# How often a generation waiting for the model re-checks whether its consumer
-# has gone away, so abandoned waiters do not queue up behind the lock.
-_LOCK_POLL_S = 0.05
 
 
 class LlamaCppLLM(LLM):
@@ -63,7 +60,7 @@ class LlamaCppLLM(LLM):
             ) from error
         self._max_tokens = max_tokens
         self._temperature = temperature
-        self._lock = threading.Lock()
+        self._lock = FairLock()  # sessions take turns in arrival order
         self._closed = False
         logger.info(
             "loaded %s in %.2f s (n_ctx=%d, threads=%d)", path.name, time.perf_counter() - started, n_ctx, n_threads
@@ -82,9 +79,8 @@ class LlamaCppLLM(LLM):
 
     def _generate(self, payload: list[dict[str, str]], stop: threading.Event) -> Iterator[str]:
         """Blocking generation loop run in a worker thread; holds the model lock."""
-        while not self._lock.acquire(timeout=_LOCK_POLL_S):
-            if stop.is_set():
-                return
+        if not self._lock.acquire(stop):
+            return
         try:
             if stop.is_set():
                 return
