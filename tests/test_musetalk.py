@@ -36,7 +36,6 @@ from avatalk.avatars.renderers.musetalk import (  # noqa: E402
     load_musetalk,
 )
 from avatalk.avatars.renderers.musetalk.latents import LATENTS_FILE, RENDERER_KEY  # noqa: E402
-from avatalk.avatars.renderers.musetalk.latents import main as latents_command  # noqa: E402
 from avatalk.avatars.renderers.musetalk.loader import UNET_CONFIG, UNET_DIR, UNET_WEIGHTS  # noqa: E402
 from avatalk.avatars.renderers.musetalk.random_models import write_layout  # noqa: E402
 from avatalk.avatars.store import AvatarStore, LoadedAvatar  # noqa: E402
@@ -186,16 +185,22 @@ def test_latents_are_stored_once_and_reused(avatars_root: Path, models: MuseTalk
 
 
 def test_the_latents_command_adds_latents_to_prepared_avatars(
-    layout: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    layout: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from typer.testing import CliRunner
+
+    from avatalk.cli import app as cli_app
+
     ensure_default_avatar(tmp_path / "avatars", size=64, seconds=0.2)
     monkeypatch.setenv("AVATALK_DATA_DIR", str(tmp_path))
     monkeypatch.setenv("AVATALK_MUSETALK__MODELS_DIR", str(layout))
-    assert latents_command(["ava"]) == 0
-    assert "ava: latents of 5 frames ready" in capsys.readouterr().out
+    result = CliRunner().invoke(cli_app, ["avatar", "add-latents", "ava"])
+    assert result.exit_code == 0, result.output
+    assert "ava: latents of 5 frames ready" in result.stdout
     assert AvatarStore(tmp_path / "avatars").get("ava").latents[RENDERER_KEY]["shape"] == [5, 8, 32, 32]
-    assert latents_command(["ava", "nobody"]) == 1
-    assert "nobody" in capsys.readouterr().err
+    result = CliRunner().invoke(cli_app, ["avatar", "add-latents", "ava", "nobody"])
+    assert result.exit_code == 1
+    assert "nobody" in result.stderr
 
 
 # --- Rendering ---------------------------------------------------------------------

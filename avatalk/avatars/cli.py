@@ -139,8 +139,21 @@ def add_latents(
 ) -> None:
     """Store MuseTalk VAE latents in prepared avatars (needs the MuseTalk weights; see docs/avatars.md)."""
     try:
-        from avatalk.avatars.renderers.musetalk.latents import main as latents_main
+        from avatalk.avatars.renderers.musetalk.latents import add_latents as compute
+        from avatalk.avatars.renderers.musetalk.loader import MuseTalkWeightsError
     except ImportError as error:
         typer.echo(f"error: the MuseTalk renderer needs torch, diffusers and transformers: {error}", err=True)
         raise typer.Exit(1) from error
-    raise typer.Exit(latents_main([*avatar_ids, *(["--force"] if force else [])]))
+    try:
+        outcome = compute(Settings(), avatar_ids, force)
+    except MuseTalkWeightsError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(1) from error
+    failed = False
+    for avatar_id, result in outcome.items():
+        if isinstance(result, str):
+            typer.echo(f"error: {avatar_id}: {result}", err=True)
+            failed = True
+        else:
+            typer.echo(f"{avatar_id}: latents of {result.frame_count} frames ready")
+    raise typer.Exit(1 if failed else 0)

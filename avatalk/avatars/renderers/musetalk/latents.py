@@ -10,17 +10,15 @@ UNet's first input exactly. The manifest's ``latents["musetalk"]`` records
 which VAE made them and for which crop boxes, so latents of another VAE or
 of other boxes are never used; both files are replaced atomically.
 
-Also a command: ``python -m avatalk.avatars.renderers.musetalk.latents ID
-[ID ...] [--force]`` adds latents to prepared avatars.
+``add_latents`` backs ``avatalk avatar add-latents ID [ID ...] [--force]``,
+which adds latents to avatars prepared before MuseTalk was configured.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 import os
-import sys
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,7 +32,6 @@ from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from avatalk.avatars.jobs import avatars_root
 from avatalk.avatars.renderers.musetalk.loader import (
     VAE_DIR,
-    MuseTalkWeightsError,
     load_vae,
     resolve_device,
     resolve_dtype,
@@ -203,34 +200,22 @@ def ensure_latents(
     return manifest
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m avatalk.avatars.renderers.musetalk.latents ID [ID ...] [--force]``; 0 when all succeeded."""
-    parser = argparse.ArgumentParser(description="Add MuseTalk VAE latents to prepared avatars.")
-    parser.add_argument("avatar_ids", nargs="+", metavar="ID", help="avatar ids")
-    parser.add_argument("--force", action="store_true", help="recompute even when valid latents exist")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    musetalk = Settings().musetalk
-    try:
-        device = resolve_device(musetalk.device)
-        dtype = resolve_dtype(musetalk.dtype, device)
-        vae, vae_id = load_vae(musetalk.models_dir / VAE_DIR, device=device, dtype=dtype)
-    except MuseTalkWeightsError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    store = AvatarStore(avatars_root(Settings()))
-    status = 0
-    for avatar_id in args.avatar_ids:
+def add_latents(settings: Settings, avatar_ids: Sequence[str], force: bool = False) -> dict[str, AvatarManifest | str]:
+    """Latents for prepared avatars (``avatalk avatar add-latents``): per id, its manifest or why it failed.
+
+    Raises ``MuseTalkWeightsError`` when the VAE cannot be loaded, since then no avatar can gain latents.
+    """
+    musetalk = settings.musetalk
+    device = resolve_device(musetalk.device)
+    dtype = resolve_dtype(musetalk.dtype, device)
+    vae, vae_id = load_vae(musetalk.models_dir / VAE_DIR, device=device, dtype=dtype)
+    store = AvatarStore(avatars_root(settings))
+    outcome: dict[str, AvatarManifest | str] = {}
+    for avatar_id in avatar_ids:
         try:
-            avatar = store.load(avatar_id)
-            manifest = ensure_latents(avatar, vae, vae_id, batch_size=musetalk.latents_batch, force=args.force)
+            outcome[avatar_id] = ensure_latents(
+                store.load(avatar_id), vae, vae_id, batch_size=musetalk.latents_batch, force=force
+            )
         except (AvatarNotFound, InvalidAvatarId, OSError, RuntimeError) as error:
-            print(f"error: {avatar_id}: {error}", file=sys.stderr)
-            status = 1
-            continue
-        print(f"{avatar_id}: latents of {manifest.frame_count} frames ready")
-    return status
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+            outcome[avatar_id] = str(error)
+    return outcome
