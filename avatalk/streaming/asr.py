@@ -128,9 +128,8 @@ class TurnTranscriber:
         self.interval_s = asr.settings.partial_interval_ms / 1000.0
         self._partial_task: asyncio.Task[str] | None = None
         self._early_task: asyncio.Task[str] | None = None
-        self._early_samples = 0
+        self._early_valid = False
         self._last_partial_samples = 0
-        self.last_partial = ""
 
     def reset(self) -> None:
         """Forget the current turn (its tasks finish in the background and are ignored)."""
@@ -139,9 +138,8 @@ class TurnTranscriber:
                 task.cancel()
         self._partial_task = None
         self._early_task = None
-        self._early_samples = 0
+        self._early_valid = False
         self._last_partial_samples = 0
-        self.last_partial = ""
 
     def partial_due(self, samples: int) -> bool:
         """A partial is due when ~interval of new audio arrived and none is running."""
@@ -153,20 +151,19 @@ class TurnTranscriber:
         self._last_partial_samples = len(audio)
         self._partial_task = asyncio.create_task(asyncio.to_thread(self.asr.transcribe, audio))
         text = await self._partial_task
-        self.last_partial = text
         return text
 
     def start_early(self, audio: np.ndarray) -> asyncio.Task[str]:
         """Transcribe the utterance as of the first silent window after speech."""
         if self._early_task is not None and not self._early_task.done():
             self._early_task.cancel()
-        self._early_samples = len(audio)
+        self._early_valid = True
         self._early_task = asyncio.create_task(asyncio.to_thread(self.asr.transcribe, audio))
         return self._early_task
 
     def invalidate_early(self) -> None:
         """The user spoke again after the pause: the early result no longer covers the turn."""
-        self._early_samples = 0
+        self._early_valid = False
 
     def take_early(self) -> asyncio.Task[str] | None:
         """Hand the pause transcription over to the turn's response, if it still covers the turn.
@@ -174,9 +171,9 @@ class TurnTranscriber:
         The transcriber then forgets it, so a new utterance starting meanwhile
         (which resets the transcriber) cannot cancel the finished turn's final.
         """
-        task = self._early_task if self._early_samples else None
+        task = self._early_task if self._early_valid else None
         self._early_task = None
-        self._early_samples = 0
+        self._early_valid = False
         return task if task is not None and not task.cancelled() else None
 
     async def final(self, audio: np.ndarray, early: asyncio.Task[str] | None = None) -> str:

@@ -75,9 +75,7 @@ class _Response:
     segments: dict[int, tuple[str, int]] = field(default_factory=dict)  # segment id -> (text, samples)
     played: dict[int, int] = field(default_factory=dict)  # segment id -> samples played
     generated_text: str = ""
-    finished_generating: bool = False
     task: asyncio.Task[None] | None = None
-    interrupted_at: float | None = None
     audio_pending: bool = False  # the user's audio is still being transcribed
     first_audio_ready: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -150,7 +148,6 @@ class ConversationSession:
         self._state = "idle"
         self._playback_idle = asyncio.Event()
         self._playback_idle.set()
-        self._closed = False
         self._listening_turn: int | None = None  # turn id of the utterance in progress
         self._started_at = time.monotonic()
         self._last_activity = self._started_at
@@ -265,7 +262,6 @@ class ConversationSession:
         if response is None:
             return False
         self._response = None
-        response.interrupted_at = time.monotonic()
         assert self.clock is not None
         self.clock.clear(response.turn_id)  # silence (and a closed mouth) from the next tick on
         self._renderer_reset = True
@@ -314,7 +310,6 @@ class ConversationSession:
             await asyncio.sleep(0.05)
 
     async def close(self) -> None:
-        self._closed = True
         tasks = list(self._tasks)
         if self._response is not None and self._response.task is not None:
             tasks.append(self._response.task)
@@ -616,7 +611,6 @@ class ConversationSession:
         else:
             await self._generate(response, sentences)
         await sentences.put(None)
-        response.finished_generating = True
 
     async def _generate(self, response: _Response, sentences: asyncio.Queue[str | None]) -> None:
         splitter = self._splitter()

@@ -13,7 +13,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from fractions import Fraction
 from typing import TYPE_CHECKING
 
@@ -140,7 +140,7 @@ class WebRTCOutput:
         self.video.stop()
 
 
-async def pump_microphone(track: MediaStreamTrack, push: Callable[[bytes], object], rate: int) -> None:
+async def pump_microphone(track: MediaStreamTrack, push: Callable[[bytes], Awaitable[None]], rate: int) -> None:
     """Decoded microphone frames -> mono PCM16 at ``rate`` -> the session, until the track ends."""
     resampler = av.AudioResampler(format="s16", layout="mono", rate=rate)
     while True:
@@ -149,9 +149,7 @@ async def pump_microphone(track: MediaStreamTrack, push: Callable[[bytes], objec
         except MediaStreamError:
             return
         for converted in resampler.resample(frame):
-            result = push(converted.to_ndarray().tobytes())
-            if asyncio.iscoroutine(result):
-                await result
+            await push(converted.to_ndarray().tobytes())
 
 
 def handle_channel_message(message: object, handle: Callable[[object], object], output: SessionOutput) -> None:

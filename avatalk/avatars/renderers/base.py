@@ -22,7 +22,11 @@ returned read-only.
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
 
 import numpy as np
 
@@ -71,6 +75,39 @@ def check_tick_audio(audio: np.ndarray) -> np.ndarray:
             f"{RENDER_SAMPLE_RATE} Hz, got an array of shape {samples.shape}"
         )
     return samples
+
+
+T = TypeVar("T")
+
+
+class AvatarDataCache(Generic[T]):
+    """What a renderer precomputed per avatar and output size, for the most recent few.
+
+    Keyed by the avatar's folder and creation time, so a re-prepared avatar is
+    never served from stale data. Safe from several threads; the (slow) build
+    runs outside the lock, and if two threads build the same entry the first
+    one stored wins.
+    """
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[Hashable, T] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, avatar: LoadedAvatar, output_size: int, build: Callable[[], T]) -> T:
+        key = (avatar.path, avatar.manifest.created_at, output_size)
+        with self._lock:
+            data = self._entries.get(key)
+            if data is not None:
+                self._entries.move_to_end(key)
+                return data
+        built = build()
+        with self._lock:
+            data = self._entries.setdefault(key, built)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        return data
 
 
 class RendererSession(ABC):

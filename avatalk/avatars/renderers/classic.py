@@ -27,12 +27,8 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
-from datetime import datetime
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -40,6 +36,7 @@ import numpy as np
 from avatalk.avatars import landmarks as mesh
 from avatalk.avatars.renderers.base import (
     RENDER_SAMPLE_RATE,
+    AvatarDataCache,
     SAMPLES_PER_TICK,
     Renderer,
     RendererSession,
@@ -575,17 +572,10 @@ class ClassicRenderer(Renderer):
     name = "classic"
 
     def __init__(self, max_avatars: int = 4) -> None:
-        self._max_avatars = max_avatars
-        self._cache: OrderedDict[tuple[Path, datetime, int], _AvatarData] = OrderedDict()
-        self._lock = threading.Lock()
+        self._cache: AvatarDataCache[_AvatarData] = AvatarDataCache(max_avatars)
 
     def open(self, avatar: LoadedAvatar, output_size: int) -> ClassicSession:
-        key = (avatar.path, avatar.manifest.created_at, output_size)
-        with self._lock:
-            data = self._cache.get(key)
-            if data is not None:
-                self._cache.move_to_end(key)
-        if data is None:
+        def build() -> _AvatarData:
             started = time.perf_counter()
             data = _prepare_avatar(avatar, output_size)
             log.info(
@@ -595,11 +585,9 @@ class ClassicRenderer(Renderer):
                 data.shape[0],
                 (time.perf_counter() - started) * 1000,
             )
-            with self._lock:
-                data = self._cache.setdefault(key, data)  # another thread may have been first
-                self._cache.move_to_end(key)
-                while len(self._cache) > self._max_avatars:
-                    self._cache.popitem(last=False)
+            return data
+
+        data = self._cache.get(avatar, output_size, build)
         return ClassicSession(avatar, data)
 
 

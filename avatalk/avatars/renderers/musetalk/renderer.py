@@ -50,6 +50,7 @@ import torch
 
 from avatalk.avatars.renderers.base import (
     SAMPLES_PER_TICK,
+    AvatarDataCache,
     Renderer,
     RendererSession,
     check_tick_audio,
@@ -192,23 +193,14 @@ class MuseTalkRenderer(Renderer):
             warmup=self.generator.compiled,
         )
         self._max_avatars = max_avatars
-        self._cache: OrderedDict[tuple[Path, datetime, int], _AvatarData] = OrderedDict()
+        self._cache: AvatarDataCache[_AvatarData] = AvatarDataCache(max_avatars)
         self._latents: OrderedDict[tuple[Path, datetime], torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
 
     def open(self, avatar: LoadedAvatar, output_size: int) -> MuseTalkSession:
-        key = (avatar.path, avatar.manifest.created_at, output_size)
-        with self._lock:
-            data = self._cache.get(key)
-            if data is not None:
-                self._cache.move_to_end(key)
-        if data is None:
-            data = _prepare_avatar(avatar, output_size, self._avatar_latents(avatar))
-            with self._lock:
-                data = self._cache.setdefault(key, data)  # another thread may have been first
-                self._cache.move_to_end(key)
-                while len(self._cache) > self._max_avatars:
-                    self._cache.popitem(last=False)
+        data = self._cache.get(
+            avatar, output_size, lambda: _prepare_avatar(avatar, output_size, self._avatar_latents(avatar))
+        )
         return MuseTalkSession(avatar, data, self.scheduler, self.models.audio, self.settings)
 
     def close(self) -> None:
