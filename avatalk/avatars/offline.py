@@ -17,7 +17,7 @@ import av
 import numpy as np
 
 from avatalk.avatars.jobs import JobContext, JobFailed, JobOutcome
-from avatalk.avatars.renderers import SAMPLES_PER_TICK, Renderer, create_renderer
+from avatalk.avatars.renderers import SAMPLES_PER_TICK, Renderer
 from avatalk.avatars.store import AvatarNotFound, AvatarStore, LoadedAvatar
 from avatalk.avatars.video_file import write_mp4
 from avatalk.config import Settings
@@ -114,17 +114,18 @@ def renders_dir(settings: Settings) -> Path:
 class RenderJobHandler:
     """Runs ``render`` jobs: params ``input`` (a WAV or any audio file), ``avatar``, ``size``."""
 
-    def __init__(self, settings: Settings, avatars: AvatarStore) -> None:
+    def __init__(self, settings: Settings, avatars: AvatarStore, renderer: Callable[[], Renderer | None]) -> None:
+        """``renderer`` returns the server's loaded renderer (None while it is still loading)."""
         self.settings = settings
         self.avatars = avatars
-        self._renderer: Renderer | None = None
-        self._lock = threading.Lock()
+        self._server_renderer = renderer
 
     def _get_renderer(self) -> Renderer:
-        with self._lock:
-            if self._renderer is None:
-                self._renderer = create_renderer(self.settings.avatars.renderer, self.settings.musetalk)
-            return self._renderer
+        # The server's renderer, not a second copy: MuseTalk weights are loaded once per process.
+        renderer = self._server_renderer()
+        if renderer is None:
+            raise JobFailed("the server is still loading its renderer; submit the render again in a moment")
+        return renderer
 
     def __call__(self, context: JobContext) -> JobOutcome:
         params = context.job.params

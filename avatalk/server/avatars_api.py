@@ -231,7 +231,12 @@ async def setup_avatars(app: FastAPI, settings: Settings) -> None:
         await asyncio.to_thread(_remove_orphan_uploads, uploads_dir(settings), store)
         runner = JobRunner(
             store,
-            {AVATAR_JOB: AvatarJobHandler(settings), RENDER_JOB: RenderJobHandler(settings, app.state.avatar_store)},
+            {
+                AVATAR_JOB: AvatarJobHandler(settings),
+                RENDER_JOB: RenderJobHandler(
+                    settings, app.state.avatar_store, lambda: getattr(app.state.models, "renderer", None)
+                ),
+            },
             workers=settings.avatars.preparation_workers,
         )
         await runner.start()

@@ -34,10 +34,10 @@ class RenderAccepted(BaseModel):
     video_url: str = Field(description="GET it once the job has succeeded")
 
 
-def _check_avatar(request: Request, avatar_id: str) -> None:
+async def _check_avatar(request: Request, avatar_id: str) -> None:
     try:
         validate_avatar_id(avatar_id)
-        request.app.state.avatar_store.get(avatar_id)
+        await asyncio.to_thread(request.app.state.avatar_store.get, avatar_id)
     except InvalidAvatarId as error:
         raise HTTPException(422, f"invalid avatar id: {error}") from error
     except AvatarNotFound as error:
@@ -65,7 +65,7 @@ async def _submit(request: Request, response: Response, folder: Path, audio: Pat
 @router.post("/v1/renders", status_code=202, response_model=RenderAccepted)
 async def create_render(body: RenderRequest, request: Request, response: Response) -> RenderAccepted:
     """Speak ``text`` with the server's TTS and render the avatar saying it (a job; poll /v1/jobs/{id})."""
-    _check_avatar(request, body.avatar)
+    await _check_avatar(request, body.avatar)
     _check_size(body.size)
     models = request.app.state.models
     if models is None:
@@ -90,7 +90,7 @@ async def create_render_from_audio(
     size: int | None = Form(None, ge=64, le=2048),
 ) -> RenderAccepted:
     """Render the avatar lip-syncing an uploaded audio file (a job)."""
-    _check_avatar(request, avatar)
+    await _check_avatar(request, avatar)
     _check_size(size)
     limit = request.app.state.settings.avatars.max_upload_bytes
     folder = uploads_dir(request.app.state.settings) / uuid.uuid4().hex
@@ -103,7 +103,7 @@ async def create_render_from_audio(
                 written += len(chunk)
                 if written > limit:
                     raise HTTPException(413, f"the upload is larger than the limit of {limit} bytes")
-                out.write(chunk)
+                await asyncio.to_thread(out.write, chunk)
         if written == 0:
             raise HTTPException(422, "the uploaded file is empty")
     except BaseException:

@@ -670,8 +670,10 @@ class ConversationSession:
                 "session %s: %.1f s of speech for %d chars in %.0f ms",
                 self.id, len(speech) / tts.sample_rate, len(sentence), (time.monotonic() - started) * 1000,
             )
-            samples = resample(speech, tts.sample_rate, self.output_sample_rate)
-            render_samples = resample(speech, tts.sample_rate, RENDER_SAMPLE_RATE) if self._renderer else None
+            samples = await asyncio.to_thread(resample, speech, tts.sample_rate, self.output_sample_rate)
+            render_samples = (
+                await asyncio.to_thread(resample, speech, tts.sample_rate, RENDER_SAMPLE_RATE) if self._renderer else None
+            )
             segment_id = await self.clock.enqueue(response.turn_id, samples, render_samples)
             response.segments[segment_id] = (sentence, len(samples))
             response.first_audio_ready.set()
