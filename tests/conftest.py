@@ -12,6 +12,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from avatalk.config import Settings  # noqa: E402
+from fakes import LiveServer  # noqa: E402
 from avatalk.streaming.audio import resample  # noqa: E402
 
 
@@ -43,36 +44,6 @@ def speech() -> Callable[..., np.ndarray]:
         return _speech(text, sample_rate).copy()
 
     return make
-
-
-class LiveServer:
-    """A real uvicorn server on 127.0.0.1 (random port) in a background thread."""
-
-    def __init__(self, app, ws_max_size: int = 4 * 1024 * 1024) -> None:
-        import threading
-        import time
-
-        import uvicorn
-
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=0, ws="websockets-sansio", ws_max_size=ws_max_size, log_level="warning", lifespan="on"
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("test server did not start")
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.base_url = f"http://127.0.0.1:{port}"
-        self.ws_url = f"ws://127.0.0.1:{port}/v1/ws"
-        self.app = app
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="session")
