@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -399,8 +399,8 @@ class ConversationSession:
         self.persona = self.persona.model_copy(update=update)
         self.memory.system_prompt = self.persona.system_prompt
 
-    def _spawn(self, coro: object, name: str) -> asyncio.Task[None]:
-        task = asyncio.create_task(coro, name=f"{self.id}:{name}", context=task_context(self.id))  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[object, object, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=f"{self.id}:{name}", context=task_context(self.id))
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         return task
