@@ -9,8 +9,8 @@ from pathlib import Path
 import typer
 
 from avatalk.avatars.cli import app as avatar_app
-from avatalk.doctor import doctor as doctor_command
 from avatalk.config import Settings
+from avatalk.doctor import doctor as doctor_command
 
 app = typer.Typer(help="avatalk: a real-time talking-avatar conversation server.", no_args_is_help=True)
 app.add_typer(avatar_app, name="avatar", help="Prepare, list and delete avatars.")
@@ -66,7 +66,7 @@ def talk(
 ) -> None:
     """Speak a WAV file to a running server at real-time pace and save the spoken reply."""
     from avatalk.client import talk as run_talk
-    from avatalk.streaming.audio import write_wav
+    from avatalk.media.audio import write_wav
 
     try:
         result = asyncio.run(

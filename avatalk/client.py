@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import websockets
 
-from avatalk.streaming.audio import float_to_pcm16, pcm16_to_float, read_wav, resample
+from avatalk.media.audio import float_to_pcm16, pcm16_to_float, read_wav, resample
 from avatalk.streaming.protocol import BinaryKind, decode_binary
 
 Event = dict[str, Any]
@@ -291,8 +291,8 @@ async def talk(
 
 def _write_reply_video(path: Path, jpegs: list[bytes | None], audio: np.ndarray, sample_rate: int) -> None:
     """Decode the received frames (repeating the previous one for a lost tick) and write an MP4."""
-    from avatalk.avatars.video_file import write_mp4
-    from avatalk.streaming.images import decode_jpeg
+    from avatalk.media.images import decode_jpeg
+    from avatalk.media.mp4 import write_mp4
 
     def frames() -> Any:
         previous = None

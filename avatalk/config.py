@@ -135,6 +135,17 @@ class LimitSettings(BaseModel):
     jobs_per_minute: int = Field(10, ge=1, description="avatar/render jobs one key (or one open client) may create per minute")
 
 
+class ExecutorSettings(BaseModel):
+    """Threads of each named pool (see ``avatalk.executors``)."""
+
+    vad: int = Field(1, ge=1, le=64, description="voice activity detection (milliseconds per chunk)")
+    asr: int = Field(1, ge=1, le=64, description="speech recognition; one model decodes faster alone on a small CPU")
+    llm: int = Field(1, ge=1, le=64, description="in-process LLM generation loops (one per model decoding at once)")
+    tts: int = Field(2, ge=1, le=64, description="speech synthesis and resampling of reply audio")
+    render: int = Field(2, ge=1, le=64, description="lip-sync frames and idle frames")
+    encode: int = Field(2, ge=1, le=64, description="JPEG encoding of frames for WebSocket clients")
+
+
 class AvatarSettings(BaseModel):
     default_avatar: str = "ava"
     renderer: Literal["classic", "musetalk"] = "classic"
@@ -260,6 +271,7 @@ class Settings(BaseSettings):
     webrtc: WebRTCSettings = WebRTCSettings()
     auth: AuthSettings = AuthSettings()
     musetalk: MuseTalkSettings = MuseTalkSettings()
+    executors: ExecutorSettings = ExecutorSettings()
 
     @classmethod
     def settings_customise_sources(

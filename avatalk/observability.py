@@ -45,7 +45,7 @@ from prometheus_client.registry import Collector
 from starlette.datastructures import State
 
 from avatalk.avatars.jobs import ACTIVE_STATES
-from avatalk.streaming.clock import TICK_S
+from avatalk.media.timebase import TICK_S
 
 if TYPE_CHECKING:
     from avatalk.streaming.session import SessionOutput

@@ -49,7 +49,7 @@ def synthesise(texts: list[str]) -> dict[str, np.ndarray]:
     """Speak each text with the embedded piper voice, at 16 kHz."""
     from piper import PiperVoice
 
-    from avatalk.streaming.audio import resample
+    from avatalk.media.audio import resample
 
     voice = PiperVoice.load(str(Settings().tts_model_path()))
     audio = {}

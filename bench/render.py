@@ -25,7 +25,7 @@ from avatalk.avatars.default_face import ensure_default_avatar
 from avatalk.avatars.renderers import RENDER_SAMPLE_RATE, SAMPLES_PER_TICK, create_renderer
 from avatalk.avatars.store import AvatarStore
 from avatalk.config import Settings
-from avatalk.streaming.audio import resample
+from avatalk.media.audio import resample
 
 SENTENCES = [
     "Hello! I'm Ava. How can I help you today?",

@@ -11,9 +11,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from avatalk.config import Settings  # noqa: E402
 from fakes import LiveServer  # noqa: E402
-from avatalk.streaming.audio import resample  # noqa: E402
+
+from avatalk.config import Settings  # noqa: E402
+from avatalk.media.audio import resample  # noqa: E402
 
 
 @pytest.fixture

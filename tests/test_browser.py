@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 import pytest
 
-from avatalk.streaming.audio import write_wav
+from avatalk.media.audio import write_wav
 
 CHROMIUM = Path("/usr/bin/chromium")
 

@@ -42,7 +42,7 @@ from hypothesis import strategies as st
 
 from avatalk.client import AvatalkClient, Event
 from avatalk.config import Settings
-from avatalk.streaming.audio import SUPPORTED_SAMPLE_RATES
+from avatalk.media.timebase import SUPPORTED_SAMPLE_RATES
 from avatalk.streaming.protocol import CLIENT_EVENT_TYPES
 
 pytestmark = pytest.mark.slow

@@ -17,6 +17,7 @@ from fastapi import FastAPI
 
 from avatalk import observability
 from avatalk.client import AvatalkClient
+from avatalk.media.timebase import TICK_S
 from avatalk.observability import (
     ContextFilter,
     JsonFormatter,
@@ -28,7 +29,6 @@ from avatalk.observability import (
     task_context,
     turn_id_var,
 )
-from avatalk.streaming.clock import TICK_S
 
 
 class RecordingOutput:

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from avatalk.cli import app as cli_app
-from avatalk.streaming.audio import write_wav
+from avatalk.media.audio import write_wav
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,7 @@ import pytest
 from fakes import free_port
 
 from avatalk.client import AvatalkClient, talk
-from avatalk.streaming.audio import write_wav
-from avatalk.streaming.audio import rms_dbfs
+from avatalk.media.audio import rms_dbfs, write_wav
 from avatalk.streaming.models import EngineModels
 
 pytestmark = pytest.mark.slow
@@ -310,7 +309,7 @@ async def test_video_session_sends_one_frame_per_audio_tick(server, speech, tmp_
 
 
 async def test_video_frames_follow_the_clock_while_idle(server):
-    from avatalk.streaming.images import decode_jpeg
+    from avatalk.media.images import decode_jpeg
 
     client = await open_session(server.ws_url, video=True, video_size=128)
     try:

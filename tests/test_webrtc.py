@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
 
-from avatalk.streaming.audio import float_to_pcm16
+from avatalk.media.audio import float_to_pcm16
 
 pytestmark = pytest.mark.slow
 

@@ -19,10 +19,10 @@ from rich.table import Table
 from rich.text import Text
 
 from avatalk.avatars.jobs import avatar_progress, avatars_root, prepare_with_settings
-from avatalk.avatars.media import sniff_file
 from avatalk.avatars.prepare import AvatarPreparationError
 from avatalk.avatars.store import AvatarNotFound, AvatarStore, InvalidAvatarId, validate_avatar_id
 from avatalk.config import Settings
+from avatalk.media.sniff import sniff_file
 
 app = typer.Typer(name="avatar", help="Create, list and delete prepared avatars.", no_args_is_help=True)
 

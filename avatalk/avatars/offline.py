@@ -19,15 +19,15 @@ import numpy as np
 from avatalk.avatars.jobs import JobContext, JobFailed, JobOutcome
 from avatalk.avatars.renderers import SAMPLES_PER_TICK, Renderer
 from avatalk.avatars.store import AvatarNotFound, AvatarStore, LoadedAvatar
-from avatalk.avatars.video_file import write_mp4
 from avatalk.config import Settings
-from avatalk.streaming.audio import resample
+from avatalk.media.audio import resample
+from avatalk.media.mp4 import write_mp4
+from avatalk.media.timebase import ENGINE_SAMPLE_RATE
 from avatalk.tts import TTS
 
 logger = logging.getLogger(__name__)
 
 RENDER_JOB = "render"
-RENDER_RATE = 16000
 MAX_RENDER_SECONDS = 600.0
 
 
@@ -88,7 +88,7 @@ def render_video(
     cancel: threading.Event | None = None,
 ) -> RenderResult:
     """Render one frame per 40 ms of ``audio`` and write them with the audio to ``out_path``. Blocking."""
-    speech = resample(audio, sample_rate, RENDER_RATE)
+    speech = resample(audio, sample_rate, ENGINE_SAMPLE_RATE)
     ticks = max(1, math.ceil(len(speech) / SAMPLES_PER_TICK))
     speech = np.pad(speech, (0, ticks * SAMPLES_PER_TICK - len(speech)))
     # The sound track covers exactly the rendered ticks, so picture and sound end together.

@@ -34,7 +34,6 @@ from python_multipart.multipart import parse_options_header
 from starlette.requests import ClientDisconnect
 
 from avatalk.avatars.default_face import ensure_default_avatar
-from avatalk.avatars.offline import RENDER_JOB, RenderJobHandler
 from avatalk.avatars.jobs import (
     AVATAR_JOB,
     AvatarJobHandler,
@@ -47,7 +46,7 @@ from avatalk.avatars.jobs import (
     QueueFull,
     avatars_root,
 )
-from avatalk.avatars.media import SNIFF_BYTES, MediaType, sniff_file, sniff_media
+from avatalk.avatars.offline import RENDER_JOB, RenderJobHandler
 from avatalk.avatars.store import (
     MAX_DISPLAY_NAME,
     AvatarManifest,
@@ -58,6 +57,7 @@ from avatalk.avatars.store import (
     validate_avatar_id,
 )
 from avatalk.config import Settings
+from avatalk.media.sniff import SNIFF_BYTES, MediaType, sniff_file, sniff_media
 
 log = logging.getLogger(__name__)
 

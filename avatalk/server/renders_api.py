@@ -14,8 +14,8 @@ from pydantic import BaseModel, Field
 from avatalk.avatars.jobs import JobNotFound, JobState, QueueFull
 from avatalk.avatars.offline import RENDER_JOB, RenderError, renders_dir, synthesize_script
 from avatalk.avatars.store import AvatarNotFound, InvalidAvatarId, validate_avatar_id
+from avatalk.media.audio import write_wav
 from avatalk.server.avatars_api import JobOut, uploads_dir
-from avatalk.streaming.audio import write_wav
 
 router = APIRouter(tags=["renders"])
 

@@ -12,9 +12,9 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.websockets import WebSocketState
 
 from avatalk.config import Settings
+from avatalk.media.audio import float_to_pcm16
+from avatalk.media.images import encode_jpeg
 from avatalk.server.sessions import OPEN, SessionRegistry
-from avatalk.streaming.audio import float_to_pcm16
-from avatalk.streaming.images import encode_jpeg
 from avatalk.streaming.protocol import BinaryKind, ProtocolError, encode_binary, encode_event, parse_client_event
 from avatalk.streaming.session import ConversationSession
 

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from avatalk.config import ASRSettings
+from avatalk.media.timebase import ENGINE_SAMPLE_RATE as SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
 FULL_WINDOW_FRAMES = 3000  # Whisper's 30 s window in 10 ms feature frames
 MAX_SHORT_SAMPLES = 28 * SAMPLE_RATE  # longer audio (with its padding) needs the full window
 SHORT_CONTEXT_PAD_S = 2.0  # trailing silence lets the decoder see that speech has ended

@@ -28,10 +28,8 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-TICK_S = 0.040
-FPS = 25
-RENDER_SAMPLE_RATE = 16000
-RENDER_SAMPLES_PER_TICK = RENDER_SAMPLE_RATE // FPS
+from avatalk.media.timebase import SAMPLES_PER_TICK as RENDER_SAMPLES_PER_TICK
+from avatalk.media.timebase import TICK_S, samples_per_tick
 
 
 @dataclass(slots=True)
@@ -59,10 +57,8 @@ class MediaClock:
     """Releases one tick every 40 ms to a sink, taking reply audio from a bounded queue."""
 
     def __init__(self, sample_rate: int, max_queued_s: float = 60.0, lead_s: float = TICK_S) -> None:
-        if sample_rate % FPS:
-            raise ValueError(f"output sample rate {sample_rate} is not a multiple of {FPS} Hz")
         self.sample_rate = sample_rate
-        self.samples_per_tick = sample_rate // FPS
+        self.samples_per_tick = samples_per_tick(sample_rate)
         self.max_queued_samples = int(max_queued_s * sample_rate)
         self._segments: deque[_Segment] = deque()
         self._queued_samples = 0

@@ -12,6 +12,7 @@ import numpy as np
 from avatalk.avatars.renderers import Renderer, create_renderer
 from avatalk.config import Settings
 from avatalk.llm import LLM, ChatMessage, LLMError, create_llm
+from avatalk.media.timebase import ENGINE_SAMPLE_RATE
 from avatalk.streaming.asr import WhisperASR
 from avatalk.streaming.vad import SileroVAD
 from avatalk.tts import TTS, TTSError, create_tts
@@ -58,7 +59,7 @@ class EngineModels:
             await stream.aclose()  # type: ignore[attr-defined]
             async for _audio in self.tts.synthesize("Hello."):
                 pass
-            await asyncio.to_thread(self.asr.transcribe, np.zeros(16000, dtype=np.float32))
+            await asyncio.to_thread(self.asr.transcribe, np.zeros(ENGINE_SAMPLE_RATE, dtype=np.float32))
         except (LLMError, TTSError) as error:
             logger.warning("warm-up skipped: %s", error)
         logger.info("models warmed up in %.1f s", time.perf_counter() - started)

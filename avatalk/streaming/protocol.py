@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-from avatalk.streaming.audio import SUPPORTED_SAMPLE_RATES
+from avatalk.media.timebase import SUPPORTED_SAMPLE_RATES
 
 BINARY_HEADER = struct.Struct("<BxxxII")  # kind, tick index, pts in ms
 

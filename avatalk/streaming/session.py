@@ -29,9 +29,10 @@ from avatalk.config import Settings
 from avatalk.llm import LLMError
 from avatalk.llm.memory import DialogueMemory
 from avatalk.llm.sentences import SentenceSplitter
+from avatalk.media.audio import StreamResampler, pcm16_to_float, resample
+from avatalk.media.timebase import ENGINE_SAMPLE_RATE
 from avatalk.observability import task_context
 from avatalk.streaming.asr import TurnTranscriber, ends_sentence
-from avatalk.streaming.audio import ENGINE_SAMPLE_RATE, StreamResampler, pcm16_to_float, resample
 from avatalk.streaming.clock import MediaClock, Tick
 from avatalk.streaming.models import EngineModels
 from avatalk.streaming.protocol import (

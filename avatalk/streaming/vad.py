@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from avatalk.media.timebase import ENGINE_SAMPLE_RATE as SAMPLE_RATE
+
 logger = logging.getLogger(__name__)
 
 WINDOW_SAMPLES = 512  # 32 ms at 16 kHz
 CONTEXT_SAMPLES = 64
-SAMPLE_RATE = 16000
 
 
 class SileroVAD:

@@ -27,7 +27,7 @@ from avatalk.config import IceServer
 
 if TYPE_CHECKING:
     from avatalk.streaming.session import SessionOutput
-from avatalk.streaming.audio import float_to_pcm16
+from avatalk.media.audio import float_to_pcm16
 from avatalk.streaming.protocol import ProtocolError, encode_event, parse_client_event
 
 logger = logging.getLogger(__name__)

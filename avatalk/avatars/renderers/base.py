@@ -31,11 +31,8 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from avatalk.avatars.store import LoadedAvatar
-
-#: The audio rate renderers consume (Whisper's rate, which MuseTalk needs).
-RENDER_SAMPLE_RATE = 16000
-#: Samples of audio per tick: 40 ms at 16 kHz, one video frame's worth.
-SAMPLES_PER_TICK = 640
+from avatalk.media.timebase import ENGINE_SAMPLE_RATE as RENDER_SAMPLE_RATE
+from avatalk.media.timebase import SAMPLES_PER_TICK
 
 
 class RendererUnavailable(NotImplementedError):

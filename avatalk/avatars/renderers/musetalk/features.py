@@ -52,7 +52,6 @@ from torch.nn import functional
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 #: Whisper's audio rate and the STFT it runs (Hann window of 400, hop 160: 100 mel frames/s).
-SAMPLE_RATE = 16000
 HOP_LENGTH = 160
 N_FFT = 400
 #: One encoder output frame is two mel frames (conv2 has stride 2): 20 ms, 50 per second.

@@ -30,7 +30,8 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from transformers import WhisperFeatureExtractor, WhisperModel
 
 from avatalk.avatars.renderers.base import RendererUnavailable
-from avatalk.avatars.renderers.musetalk.features import HOP_LENGTH, N_FFT, SAMPLE_RATE, WhisperFeatureEncoder
+from avatalk.avatars.renderers.musetalk.features import HOP_LENGTH, N_FFT, WhisperFeatureEncoder
+from avatalk.media.timebase import ENGINE_SAMPLE_RATE as SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 

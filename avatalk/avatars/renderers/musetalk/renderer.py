@@ -69,12 +69,12 @@ from avatalk.avatars.renderers.musetalk.generator import FrameGenerator
 from avatalk.avatars.renderers.musetalk.latents import compute_latents, load_latents, store_latents
 from avatalk.avatars.renderers.musetalk.loader import MuseTalkModels, load_musetalk
 from avatalk.avatars.renderers.musetalk.scheduler import RenderScheduler
-from avatalk.config import MuseTalkSettings, Settings
 from avatalk.avatars.store import LoadedAvatar
+from avatalk.config import MuseTalkSettings, Settings
+from avatalk.media.timebase import TICK_S
 
 log = logging.getLogger(__name__)
 
-TICK_S = 0.040
 #: Whisper frames of context are set in milliseconds; one Whisper frame is 20 ms.
 _MS_PER_WHISPER_FRAME = 20
 #: Health: a session is degraded after this many late frames among the last ``_HEALTH_WINDOW``

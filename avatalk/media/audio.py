@@ -8,12 +8,6 @@ from pathlib import Path
 import numpy as np
 import soxr
 
-SUPPORTED_SAMPLE_RATES: tuple[int, ...] = (8000, 11025, 16000, 22050, 24000, 32000, 44100, 48000)
-"""Rates a client may declare; all are whole multiples of 25 Hz so a 40 ms tick is whole samples."""
-
-ENGINE_SAMPLE_RATE = 16000
-"""VAD and ASR run at 16 kHz."""
-
 
 def pcm16_to_float(data: bytes) -> np.ndarray:
     """Little-endian PCM16 bytes -> float32 in [-1, 1]."""

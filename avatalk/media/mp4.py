@@ -10,7 +10,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-FPS = 25
+from avatalk.media.timebase import FPS
 
 
 def write_mp4(
