@@ -24,7 +24,7 @@ def serve(
     """Load the models and serve the API and the WebSocket."""
     import uvicorn
 
-    from avatalk.observability import configure_logging
+    from avatalk.logs import configure_logging
     from avatalk.server.app import create_app
     from avatalk.server.auth import check_exposure
 
@@ -100,10 +100,11 @@ def render(
     from rich.progress import Progress
 
     from avatalk.avatars.default_face import ensure_default_avatar
-    from avatalk.avatars.jobs import avatars_root
     from avatalk.avatars.offline import RenderError, load_audio, render_video, synthesize_script
+    from avatalk.avatars.prepare import avatars_root
     from avatalk.avatars.renderers import create_renderer
     from avatalk.avatars.store import AvatarNotFound, AvatarStore, InvalidAvatarId
+    from avatalk.executors import Executors
     from avatalk.tts import TTSError, create_tts
 
     settings = Settings()
@@ -116,8 +117,12 @@ def render(
     try:
         loaded = AvatarStore(root).load(avatar)
         if text is not None:
-            tts = create_tts(settings)
-            speech, rate = asyncio.run(synthesize_script(tts, text))
+            executors = Executors.create(settings.executors)
+            try:
+                tts = create_tts(settings, executors)
+                speech, rate = asyncio.run(synthesize_script(tts, text))
+            finally:
+                executors.shutdown()
         else:
             assert audio is not None
             speech, rate = load_audio(audio)

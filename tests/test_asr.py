@@ -1,5 +1,6 @@
 import asyncio
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -22,6 +23,12 @@ def asr() -> WhisperASR:
     return WhisperASR(Settings().asr_model_path(), ASRSettings())
 
 
+@pytest.fixture(scope="module")
+def asr_pool():
+    with ThreadPoolExecutor(1, thread_name_prefix="test-asr") as pool:
+        yield pool
+
+
 def test_transcribes_a_question(asr, speech):
     text = asr.transcribe(speech("What is two plus two?"))
     assert "what is two plus two" in normalise(text)
@@ -37,9 +44,9 @@ def test_missing_model_is_a_clear_error(tmp_path):
         WhisperASR(tmp_path, ASRSettings())
 
 
-async def test_final_reuses_the_early_pass(asr, speech):
+async def test_final_reuses_the_early_pass(asr, asr_pool, speech):
     audio = speech("Good morning.")
-    transcriber = TurnTranscriber(asr)
+    transcriber = TurnTranscriber(asr, asr_pool)
     early = transcriber.start_early(audio)
     taken = transcriber.take_early()
     assert taken is early
@@ -49,9 +56,9 @@ async def test_final_reuses_the_early_pass(asr, speech):
     assert "good morning" in normalise(text)
 
 
-async def test_early_pass_is_not_reused_after_more_speech(asr, speech):
+async def test_early_pass_is_not_reused_after_more_speech(asr, asr_pool, speech):
     first, second = speech("Good morning."), speech("How are you?")
-    transcriber = TurnTranscriber(asr)
+    transcriber = TurnTranscriber(asr, asr_pool)
     await transcriber.start_early(first)
     transcriber.invalidate_early()
     assert transcriber.take_early() is None
@@ -59,8 +66,8 @@ async def test_early_pass_is_not_reused_after_more_speech(asr, speech):
     assert "how are you" in normalise(text)
 
 
-async def test_partials_are_rate_limited(asr, speech):
-    transcriber = TurnTranscriber(asr)
+async def test_partials_are_rate_limited(asr, asr_pool, speech):
+    transcriber = TurnTranscriber(asr, asr_pool)
     audio = speech("What is two plus two?")
     assert transcriber.partial_due(len(audio))
     partial = asyncio.create_task(transcriber.partial(audio))

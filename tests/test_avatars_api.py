@@ -16,9 +16,10 @@ from fastapi import FastAPI
 from skimage import data as skimage_data
 
 from avatalk.avatars.default_face import ensure_default_avatar
-from avatalk.avatars.jobs import RESTART_MESSAGE, JobState, JobStore
+from avatalk.jobs import RESTART_MESSAGE, JobState, SQLiteJobStore
 from avatalk.config import AvatarSettings, Settings
 from avatalk.server.avatars_api import router, setup_avatars, shutdown_avatars
+from avatalk.server.services import Services
 
 FINISHED = {"succeeded", "failed", "cancelled"}
 
@@ -83,7 +84,7 @@ async def serve(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
             await shutdown_avatars(app)
 
     app = FastAPI(lifespan=lifespan)
-    app.state.settings = settings
+    app.state.services = Services.create(settings)
     app.include_router(router)
     transport = httpx.ASGITransport(app=app)
     async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://t") as client:
@@ -314,7 +315,7 @@ async def test_restart_keeps_jobs_and_settles_unfinished_ones(data_dir, inputs):
         assert finished["state"] == "succeeded"
 
     # Jobs as a killed server leaves them: one running, one queued with its input on disk.
-    store = JobStore(data_dir / "jobs.sqlite3")
+    store = SQLiteJobStore(data_dir / "jobs.sqlite3")
     interrupted = store.create("avatar", avatar_id="killed", params={"input": str(inputs / "clip.mp4")})
     store.start(interrupted.id)
     pending_input = data_dir / "uploads" / "pending"

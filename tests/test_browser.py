@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from avatalk.media.audio import write_wav
+from avatalk.server.services import services
 
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -195,9 +196,9 @@ async def test_spoken_question_gets_an_answer_with_video(server, question_wav, t
         await page.click("#hangup")
         await until(page, lambda s: s["state"] == "ended", 10, "the call to end")
         deadline = time.monotonic() + 10
-        while server.app.state.webrtc_calls and time.monotonic() < deadline:
+        while services(server.app).webrtc_calls and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        assert not server.app.state.webrtc_calls
+        assert not services(server.app).webrtc_calls
         assert page.errors == []  # type: ignore[attr-defined]
 
 
@@ -214,7 +215,7 @@ async def test_refused_offer_shows_the_reason_and_retry(server, question_wav, tm
         await retry.click()
         await until(page, lambda s: s["state"] == "error" and s["error"] is not None, 30, "the error again after Retry")
         assert await message.is_visible()
-        assert not server.app.state.webrtc_calls
+        assert not services(server.app).webrtc_calls
         assert page.errors == []  # type: ignore[attr-defined]
 
 
@@ -239,12 +240,12 @@ async def test_session_token_opens_the_call(live_server_factory, question_wav, t
         await page.goto(server.base_url + f"/?autostart=1&aec=0&greeting=0&token={token}")
         await until(page, lambda s: s["connection"] == "connected", 30, "the call with a token")
         assert "token" not in page.url
-        assert len(server.app.state.webrtc_calls) == 1
+        assert len(services(server.app).webrtc_calls) == 1
         await page.click("#hangup")
         deadline = time.monotonic() + 10
-        while server.app.state.webrtc_calls and time.monotonic() < deadline:
+        while services(server.app).webrtc_calls and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        assert not server.app.state.webrtc_calls
+        assert not services(server.app).webrtc_calls
         assert page.errors == []  # type: ignore[attr-defined]
 
 

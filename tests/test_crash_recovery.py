@@ -17,7 +17,7 @@ import pytest
 from fakes import free_port
 from skimage import data as skimage_data
 
-from avatalk.avatars.jobs import JobState, JobStore
+from avatalk.jobs import JobState, SQLiteJobStore
 from avatalk.avatars.store import AvatarStore
 
 pytestmark = pytest.mark.slow
@@ -85,7 +85,7 @@ def test_kill_9_during_preparation(tmp_path):
     assert not (avatars / "victim").exists()  # never a half-written avatar under its real name
     assert [manifest.id for manifest in AvatarStore(avatars, stale_after_s=0).list()] == ["ava"]
     assert not [p for p in avatars.iterdir() if p.name.startswith(".tmp-")]  # reopening cleans the debris
-    store = JobStore(data_dir / "jobs.sqlite3")
+    store = SQLiteJobStore(data_dir / "jobs.sqlite3")
     try:
         job = store.get(job_id)
         assert job.state is JobState.FAILED and "restart" in (job.message or "")

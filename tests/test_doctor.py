@@ -50,11 +50,21 @@ def test_a_missing_model_file_fails_with_the_setting_to_fix(good_settings: Setti
     assert result.hint is not None and "AVATALK_VAD__MODEL_PATH" in result.hint
 
 
+def _with_model_path(settings: Settings, section: str, path: Path) -> Settings:
+    """``settings`` with ``model_path`` of the (dotted) ``section`` replaced."""
+    first, *rest = section.split(".")
+    if not rest:
+        return settings.model_copy(update={first: getattr(settings, first).model_copy(update={"model_path": path})})
+    outer = getattr(settings, first)
+    inner = getattr(outer, rest[0]).model_copy(update={"model_path": path})
+    return settings.model_copy(update={first: outer.model_copy(update={rest[0]: inner})})
+
+
 @pytest.mark.parametrize(
     ("check", "section", "file_name", "setting"),
     [
         ("vad", "vad", "vad.onnx", "AVATALK_VAD__MODEL_PATH"),
-        ("llm", "llm", "model.gguf", "AVATALK_LLM__MODEL_PATH"),
+        ("llm", "llm.llama_cpp", "model.gguf", "AVATALK_LLM__LLAMA_CPP__MODEL_PATH"),
     ],
 )
 def test_a_file_that_is_not_a_model_fails_to_load(
@@ -62,8 +72,7 @@ def test_a_file_that_is_not_a_model_fails_to_load(
 ) -> None:
     bogus = tmp_path / file_name
     bogus.write_bytes(b"this is not a model file" * 10)
-    part = getattr(good_settings, section).model_copy(update={"model_path": bogus})
-    result = run_check(CHECKS_BY_NAME[check], good_settings.model_copy(update={section: part}))
+    result = run_check(CHECKS_BY_NAME[check], _with_model_path(good_settings, section, bogus))
     assert not result.ok
     assert str(bogus) in result.detail
     assert result.hint is not None and setting in result.hint
@@ -131,7 +140,8 @@ def openai_server() -> Iterator[str]:
 
 
 def _openai(settings: Settings, base_url: str, model: str = "default") -> Settings:
-    llm = settings.llm.model_copy(update={"backend": "openai", "base_url": base_url, "model": model})
+    server = settings.llm.openai.model_copy(update={"base_url": base_url, "model": model})
+    llm = settings.llm.model_copy(update={"backend": "openai", "openai": server})
     return settings.model_copy(update={"llm": llm})
 
 
@@ -140,14 +150,14 @@ def test_an_unreachable_openai_server_is_reported(good_settings: Settings) -> No
     result = run_check(CHECKS_BY_NAME["llm"], _openai(good_settings, url))
     assert not result.ok
     assert f"{url}/models is unreachable: connection refused" in result.detail
-    assert result.hint is not None and "AVATALK_LLM__BASE_URL" in result.hint
+    assert result.hint is not None and "AVATALK_LLM__OPENAI__BASE_URL" in result.hint
 
 
 def test_a_reachable_openai_server_lists_its_models(good_settings: Settings, openai_server: str) -> None:
     listed = run_check(CHECKS_BY_NAME["llm"], _openai(good_settings, openai_server, "llama3.2:3b"))
     assert listed.ok and "llama3.2:3b" in listed.detail and listed.hint is None
     other = run_check(CHECKS_BY_NAME["llm"], _openai(good_settings, openai_server, "gpt-x"))
-    assert other.ok and other.hint is not None and "AVATALK_LLM__MODEL" in other.hint
+    assert other.ok and other.hint is not None and "AVATALK_LLM__OPENAI__MODEL" in other.hint
     wrong_root = run_check(CHECKS_BY_NAME["llm"], _openai(good_settings, openai_server.removesuffix("/v1")))
     assert not wrong_root.ok and "HTTP 404" in wrong_root.detail
 

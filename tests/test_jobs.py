@@ -1,16 +1,26 @@
 import asyncio
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from avatalk.avatars.jobs import (
+from avatalk.avatars.prepare import avatar_progress
+from avatalk.jobs import (
+    ACTIVE_STATES,
     CANCELLED_MESSAGE,
+    FINISHED_STATES,
     MISSING_INPUT_MESSAGE,
     RESTART_MESSAGE,
     SHUTDOWN_MESSAGE,
+    Job,
     JobConflict,
     JobContext,
     JobFailed,
@@ -20,7 +30,7 @@ from avatalk.avatars.jobs import (
     JobState,
     JobStore,
     QueueFull,
-    avatar_progress,
+    SQLiteJobStore,
 )
 
 
@@ -31,7 +41,7 @@ def db(tmp_path) -> Path:
 
 @pytest.fixture
 def store(db):
-    opened = JobStore(db)
+    opened = SQLiteJobStore(db)
     yield opened
     opened.close()
 
@@ -78,10 +88,10 @@ def test_exclusive_create_refuses_a_second_active_job_for_the_avatar(store):
     with pytest.raises(JobConflict) as conflict:
         store.create("avatar", avatar_id="tutor", exclusive=True)
     assert conflict.value.job_id == first.id and "tutor" in str(conflict.value)
-    assert store.active_for_avatar("tutor").id == first.id
+    assert store.active_for_avatar("tutor", "avatar").id == first.id
     store.create("render", avatar_id="tutor", exclusive=True)  # another kind is no conflict
     store.finish(first.id, JobState.FAILED, "no face")
-    assert store.active_for_avatar("tutor") is None
+    assert store.active_for_avatar("tutor", "avatar") is None
     store.create("avatar", avatar_id="tutor", exclusive=True)
 
 
@@ -93,7 +103,7 @@ def test_wal_mode(store, db):
 def test_restart_fails_running_jobs_and_keeps_the_rest(db, tmp_path):
     kept_input = tmp_path / "kept.mp4"
     kept_input.write_bytes(b"video")
-    store = JobStore(db)
+    store = SQLiteJobStore(db)
     running = store.create("avatar", avatar_id="running")
     store.start(running.id)
     store.set_progress(running.id, "analysing", 0.4)
@@ -106,7 +116,7 @@ def test_restart_fails_running_jobs_and_keeps_the_rest(db, tmp_path):
     orphan = store.create("avatar", avatar_id="orphan", params={"input": str(tmp_path / "gone.mp4")})
     store.close()  # as if the process died here
 
-    reopened = JobStore(db)
+    reopened = SQLiteJobStore(db)
     try:
         interrupted = reopened.get(running.id)
         assert interrupted.state is JobState.FAILED and interrupted.message == RESTART_MESSAGE
@@ -244,7 +254,7 @@ async def test_queue_is_bounded(store, handlers):
 
 
 async def test_stop_requeues_the_running_job_and_start_resumes_queued_jobs(db, handlers):
-    store = JobStore(db)
+    store = SQLiteJobStore(db)
     runner = await started_runner(store, handlers)
     blocking = await runner.submit("test", params={"name": "first", "action": "block"})
     waiting = await runner.submit("test", params={"name": "second"})
@@ -259,7 +269,7 @@ async def test_stop_requeues_the_running_job_and_start_resumes_queued_jobs(db, h
 
     handlers.release.set()
     handlers.order.clear()
-    reopened = JobStore(db)
+    reopened = SQLiteJobStore(db)
     runner = await started_runner(reopened, handlers)
     try:
         results = [await runner.wait(job.id, 10) for job in (blocking, waiting)]
@@ -268,3 +278,120 @@ async def test_stop_requeues_the_running_job_and_start_resumes_queued_jobs(db, h
         reopened.close()
     assert [job.state for job in results] == [JobState.SUCCEEDED, JobState.SUCCEEDED]
     assert handlers.order == ["first", "second"]  # resumed in creation order
+
+
+# --- The interface alone ------------------------------------------------------------------
+
+
+class MemoryJobStore(JobStore):
+    """A job store in a dict: the runner must need nothing but the ``JobStore`` interface."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        pass
+
+    def get(self, job_id: str) -> Job:
+        with self._lock:
+            if job_id not in self._jobs:
+                raise JobNotFound(f"no job {job_id!r}")
+            return self._jobs[job_id]
+
+    def list(self, *, limit=50, kind=None, avatar_id=None, states=None, oldest_first=False) -> list[Job]:
+        with self._lock:
+            jobs = [
+                job
+                for job in self._jobs.values()  # insertion order is creation order
+                if (kind is None or job.kind == kind)
+                and (avatar_id is None or job.avatar_id == avatar_id)
+                and (states is None or job.state in set(states))
+            ]
+        ordered = jobs if oldest_first else jobs[::-1]
+        return ordered if limit is None else ordered[:limit]
+
+    def create(self, kind, *, avatar_id=None, params=None, exclusive=False) -> Job:
+        if exclusive and avatar_id is not None and (other := self.active_for_avatar(avatar_id, kind)):
+            raise JobConflict(f"avatar {avatar_id!r} is busy", other.id)
+        now = datetime.now(UTC)
+        job = Job(uuid.uuid4().hex, kind, JobState.QUEUED, None, 0.0, None, avatar_id, dict(params or {}), None, now, now, None)
+        with self._lock:
+            self._jobs[job.id] = job
+        return job
+
+    def _move(self, job_id: str, allowed: Iterable[JobState], **changes) -> Job | None:
+        with self._lock:
+            job = self._jobs[job_id]
+            if job.state not in set(allowed):
+                return None
+            self._jobs[job_id] = replace(job, updated_at=datetime.now(UTC), **changes)
+            return self._jobs[job_id]
+
+    def start(self, job_id: str) -> Job | None:
+        return self._move(job_id, [JobState.QUEUED], state=JobState.RUNNING, message=None)
+
+    def set_progress(self, job_id: str, stage: str, progress: float) -> None:
+        self._move(job_id, [JobState.RUNNING], stage=stage, progress=min(max(progress, 0.0), 1.0))
+
+    def finish(self, job_id, state, message, *, result=None, from_states=ACTIVE_STATES) -> Job | None:
+        if state not in FINISHED_STATES:
+            raise ValueError(f"{state} is not a final state")
+        done = {"stage": "done", "progress": 1.0} if state is JobState.SUCCEEDED else {}
+        return self._move(
+            job_id,
+            from_states,
+            state=state,
+            message=message,
+            result=None if result is None else dict(result),
+            finished_at=datetime.now(UTC),
+            **done,
+        )
+
+    def requeue(self, job_id: str, message: str) -> Job | None:
+        return self._move(job_id, [JobState.RUNNING], state=JobState.QUEUED, stage=None, progress=0.0, message=message)
+
+
+def count_words(context: JobContext) -> JobOutcome:
+    """A job kind of this test: count the words of ``params["text"]``, reporting progress per word."""
+    words = context.job.params["text"].split()
+    for index, _ in enumerate(words):
+        if context.cancel.is_set():
+            raise JobFailed("stopped")
+        context.progress("counting", (index + 1) / len(words))
+    if not words:
+        raise JobFailed("there is nothing to count")
+    return JobOutcome(f"{len(words)} words", {"words": len(words)})
+
+
+async def test_the_runner_needs_only_the_store_interface(tmp_path):
+    store = MemoryJobStore()
+    leftover = tmp_path / "upload.txt"
+    leftover.write_text("x")
+    runner = JobRunner(store, {"count": count_words}, workers=2)
+    await runner.start()
+    try:
+        counted = await runner.submit("count", params={"text": "one two three", "cleanup": str(leftover)})
+        empty = await runner.submit("count", params={"text": ""})
+        counted, empty = [await runner.wait(job.id, 10) for job in (counted, empty)]
+        with pytest.raises(ValueError, match="no handler"):
+            await runner.submit("unknown")
+    finally:
+        await runner.stop()
+    assert counted.state is JobState.SUCCEEDED and counted.result == {"words": 3} and counted.progress == 1.0
+    assert counted.message == "3 words" and not leftover.exists()
+    assert empty.state is JobState.FAILED and empty.message == "there is nothing to count"
+    assert [job.id for job in store.list()] == [empty.id, counted.id]
+
+
+def test_the_jobs_package_imports_no_upper_layer():
+    """``avatalk.jobs`` stays generic: importing it loads nothing of avatars, streaming or server."""
+    code = (
+        "import sys, avatalk.jobs\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[:2] in "
+        "(['avatalk', 'avatars'], ['avatalk', 'streaming'], ['avatalk', 'server']))\n"
+        "print(bad)\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    finished = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stdout + finished.stderr

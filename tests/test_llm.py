@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from avatalk.config import Settings
+from avatalk.executors import Executors
 from avatalk.llm import LLM, ChatMessage, LLMError, OpenAICompatibleLLM, create_llm
 
 # Nothing may come from a model hub, in the code under test or in the test itself.
@@ -31,6 +32,13 @@ QUESTION = [
     ChatMessage("user", "What is two plus two?"),
 ]
 STORY = [ChatMessage("user", "Write a very long story about a brave knight, a dragon and a castle.")]
+
+
+@pytest.fixture(scope="module")
+def executors() -> Iterator[Executors]:
+    pools = Executors.create()
+    yield pools
+    pools.shutdown()
 
 
 async def reply(llm: LLM, messages: list[ChatMessage]) -> str:
@@ -77,16 +85,16 @@ async def first_delta_after_task_cancel(llm: LLM) -> float:
 
 
 @pytest.fixture(scope="module")
-async def smollm() -> AsyncIterator[LLM]:
-    llm = create_llm(Settings(llm={"max_tokens": 32, "temperature": 0.0}))
+async def smollm(executors: Executors) -> AsyncIterator[LLM]:
+    llm = create_llm(Settings(llm={"max_tokens": 32, "temperature": 0.0}), executors)
     yield llm
     await llm.aclose()
 
 
 @pytest.fixture(scope="module")
-async def smollm_long() -> AsyncIterator[LLM]:
+async def smollm_long(executors: Executors) -> AsyncIterator[LLM]:
     # A long reply cap makes "stops promptly" observable: finishing it would take seconds.
-    llm = create_llm(Settings(llm={"max_tokens": 400, "temperature": 0.0}))
+    llm = create_llm(Settings(llm={"max_tokens": 400, "temperature": 0.0}), executors)
     yield llm
     await llm.aclose()
 
@@ -120,16 +128,16 @@ def test_llama_cpp_counts_tokens(smollm: LLM) -> None:
     assert 3 <= smollm.count_tokens("What is two plus two?") <= 10
 
 
-def test_llama_cpp_missing_model(tmp_path: Path) -> None:
+def test_llama_cpp_missing_model(tmp_path: Path, executors: Executors) -> None:
     with pytest.raises(LLMError, match="does not exist"):
-        create_llm(Settings(llm={"model_path": tmp_path / "missing.gguf"}))
+        create_llm(Settings(llm={"llama_cpp": {"model_path": tmp_path / "missing.gguf"}}), executors)
 
 
-def test_llama_cpp_invalid_model(tmp_path: Path) -> None:
+def test_llama_cpp_invalid_model(tmp_path: Path, executors: Executors) -> None:
     bogus = tmp_path / "bogus.gguf"
     bogus.write_bytes(b"this is not a gguf file" * 100)
     with pytest.raises(LLMError, match="valid GGUF"):
-        create_llm(Settings(llm={"model_path": bogus}))
+        create_llm(Settings(llm={"llama_cpp": {"model_path": bogus}}), executors)
 
 
 # --- OpenAI-compatible, against a fake server -----------------------------
@@ -191,10 +199,12 @@ def openai_server() -> Iterator[tuple[FakeOpenAIServer, str]]:
         yield fake, base_url
 
 
-async def test_openai_streams_deltas_in_order_with_auth(openai_server: tuple[FakeOpenAIServer, str]) -> None:
+async def test_openai_streams_deltas_in_order_with_auth(
+    openai_server: tuple[FakeOpenAIServer, str], executors: Executors
+) -> None:
     fake, base_url = openai_server
-    settings = Settings(llm={"backend": "openai", "base_url": base_url, "model": "ok", "api_key": "sk-secret"})
-    llm = create_llm(settings)
+    settings = Settings(llm={"backend": "openai", "openai": {"base_url": base_url, "model": "ok", "api_key": "sk-secret"}})
+    llm = create_llm(settings, executors)
     assert isinstance(llm, OpenAICompatibleLLM)
     fake.requests.clear()
     deltas = [delta async for delta in llm.stream(QUESTION)]
@@ -307,17 +317,28 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-async def tiny_llm(tiny_model_dir: Path) -> AsyncIterator[LLM]:
+async def tiny_llm(tiny_model_dir: Path, executors: Executors) -> AsyncIterator[LLM]:
     llm = create_llm(
-        Settings(llm={"backend": "transformers", "model_path": tiny_model_dir, "max_tokens": 300, "temperature": 0.0})
+        Settings(
+            llm={
+                "backend": "transformers",
+                "transformers": {"model_path": tiny_model_dir},
+                "max_tokens": 300,
+                "temperature": 0.0,
+            }
+        ),
+        executors,
     )
     yield llm
     await llm.aclose()
 
 
 @needs_transformers
-async def test_transformers_streams_text(tiny_model_dir: Path) -> None:
-    llm = create_llm(Settings(llm={"backend": "transformers", "model_path": tiny_model_dir, "max_tokens": 12}))
+async def test_transformers_streams_text(tiny_model_dir: Path, executors: Executors) -> None:
+    llm = create_llm(
+        Settings(llm={"backend": "transformers", "transformers": {"model_path": tiny_model_dir}, "max_tokens": 12}),
+        executors,
+    )
     assert llm.name == "transformers"
     deltas = [delta async for delta in llm.stream(QUESTION)]
     assert len(deltas) > 1
@@ -341,24 +362,28 @@ def test_transformers_counts_tokens(tiny_llm: LLM) -> None:
 
 
 @needs_transformers
-async def test_transformers_without_chat_template(tiny_model_dir: Path, tmp_path: Path) -> None:
+async def test_transformers_without_chat_template(tiny_model_dir: Path, tmp_path: Path, executors: Executors) -> None:
     plain = tmp_path / "plain"
     shutil.copytree(tiny_model_dir, plain)
     (plain / "chat_template.jinja").unlink(missing_ok=True)
     tokenizer_config = json.loads((plain / "tokenizer_config.json").read_text())
     tokenizer_config.pop("chat_template", None)
     (plain / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
-    llm = create_llm(Settings(llm={"backend": "transformers", "model_path": plain, "max_tokens": 5}))
+    llm = create_llm(
+        Settings(llm={"backend": "transformers", "transformers": {"model_path": plain}, "max_tokens": 5}), executors
+    )
     assert await reply(llm, QUESTION)
     await llm.aclose()
 
 
-def test_transformers_needs_a_model_folder() -> None:
+def test_transformers_needs_a_model_folder(executors: Executors) -> None:
     with pytest.raises(LLMError, match="model_path"):
-        create_llm(Settings(llm={"backend": "transformers"}))
+        create_llm(Settings(llm={"backend": "transformers"}), executors)
 
 
 @needs_transformers
-def test_transformers_missing_folder(tmp_path: Path) -> None:
+def test_transformers_missing_folder(tmp_path: Path, executors: Executors) -> None:
     with pytest.raises(LLMError, match="does not exist"):
-        create_llm(Settings(llm={"backend": "transformers", "model_path": tmp_path / "nothing"}))
+        create_llm(
+            Settings(llm={"backend": "transformers", "transformers": {"model_path": tmp_path / "nothing"}}), executors
+        )

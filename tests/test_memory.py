@@ -109,3 +109,28 @@ def test_budget_counts_with_the_given_counter() -> None:
     memory.add_user("hello")
     memory.messages()
     assert calls == ["hello"]
+
+
+def test_each_message_is_counted_once_however_long_the_conversation() -> None:
+    calls: list[str] = []
+
+    def counting(text: str) -> int:
+        calls.append(text)
+        return len(text.split())
+
+    memory = DialogueMemory("sys", max_turns=4, max_tokens=1000, count_tokens=counting)
+    for index in range(20):
+        memory.add_user(f"question {index}")
+        memory.messages()  # trimmed every turn, as the session does before each reply
+        memory.add_assistant(f"answer {index}")
+    memory.messages()
+    assert len(calls) == 40  # one count per message recorded, none when trimming
+
+
+def test_a_reply_that_grows_is_recounted_whole() -> None:
+    memory = DialogueMemory("sys", max_turns=4, max_tokens=5, count_tokens=words)
+    memory.add_user("one")
+    memory.add_assistant("two three")
+    memory.add_assistant("four five")  # the exchange is now 5 tokens, not 3
+    memory.add_user("six")
+    assert [message.content for message in memory.messages()] == ["sys", "six"]

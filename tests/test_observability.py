@@ -15,31 +15,23 @@ import numpy as np
 import pytest
 from fastapi import FastAPI
 
-from avatalk import observability
+from avatalk import logs
 from avatalk.client import AvatalkClient
+from avatalk.logs import ContextFilter, JsonFormatter, configure_logging, session_id_var, task_context, turn_id_var
 from avatalk.media.timebase import TICK_S
-from avatalk.observability import (
-    ContextFilter,
-    JsonFormatter,
-    Metrics,
-    ObservedOutput,
-    configure_logging,
-    session_id_var,
-    setup_metrics,
-    task_context,
-    turn_id_var,
-)
+from avatalk.observability import Metrics, ObservedOutput, setup_metrics
+from avatalk.streaming.events import ErrorEvent, Latency, ResponseDone, ResponseInterrupted, ServerEvent
 
 
 class RecordingOutput:
     """A session output that keeps what it was given."""
 
     def __init__(self) -> None:
-        self.events: list[tuple[str, dict[str, object]]] = []
+        self.events: list[ServerEvent] = []
         self.ticks: list[int] = []
 
-    async def send_event(self, kind: str, **fields: object) -> None:
-        self.events.append((kind, fields))
+    async def send_event(self, event: ServerEvent) -> None:
+        self.events.append(event)
 
     async def send_tick(self, tick: int, audio: np.ndarray | None, frame: np.ndarray | None) -> None:
         self.ticks.append(tick)
@@ -55,13 +47,14 @@ async def test_events_are_counted_and_passed_on_unchanged() -> None:
     inner = RecordingOutput()
     output = metrics.observe(inner)
     metrics.session_started("ws")
-    await output.send_event("response.done", turn_id=1, status="completed", text="Hi.")
-    await output.send_event("response.done", turn_id=2, status="interrupted", text="")
-    await output.send_event("response.interrupted", turn_id=2, reason="barge_in", spoken_text="")
-    await output.send_event("error", code="invalid_json", message="text frames must be JSON objects")
-    await output.send_event("error", code="invalid_json", message="again")
+    first = ResponseDone(turn_id=1, status="completed", text="Hi.")
+    await output.send_event(first)
+    await output.send_event(ResponseDone(turn_id=2, status="interrupted", text=""))
+    await output.send_event(ResponseInterrupted(turn_id=2, reason="barge_in", spoken_text=""))
+    await output.send_event(ErrorEvent(code="invalid_json", message="text frames must be JSON objects"))
+    await output.send_event(ErrorEvent(code="invalid_json", message="again"))
     metrics.record_error("server_full")
-    assert inner.events[0] == ("response.done", {"turn_id": 1, "status": "completed", "text": "Hi."})
+    assert inner.events[0] is first
     assert len(inner.events) == 5
     assert value(metrics, "avatalk_sessions_total", transport="ws") == 1
     assert value(metrics, "avatalk_turns_total", status="completed") == 1
@@ -81,11 +74,11 @@ async def test_latency_marks_feed_the_histograms_but_greetings_do_not() -> None:
         "tts_first_audio": 450.0,
         "first_audio": 480.0,
     }
-    await output.send_event("latency", turn_id=1, marks_ms=voice)
+    await output.send_event(Latency(turn_id=1, marks_ms=voice))
     await output.send_event(
-        "latency", turn_id=2, marks_ms={"llm_first_token": 90.0, "first_audio": 250.0, "first_frame": 250.0}
+        Latency(turn_id=2, marks_ms={"llm_first_token": 90.0, "first_audio": 250.0, "first_frame": 250.0})
     )
-    await output.send_event("latency", turn_id=3, marks_ms={"tts_first_audio": 20.0, "first_audio": 40.0})  # a greeting
+    await output.send_event(Latency(turn_id=3, marks_ms={"tts_first_audio": 20.0, "first_audio": 40.0}))  # a greeting
     histogram = "avatalk_turn_latency_seconds"
     assert value(metrics, f"{histogram}_count", stage="first_audio", input="voice") == 1
     assert value(metrics, f"{histogram}_sum", stage="first_audio", input="voice") == pytest.approx(0.48)
@@ -118,13 +111,18 @@ async def test_frames_are_counted_and_late_ones_spotted() -> None:
     assert value(metrics, "avatalk_late_frames_total") == 2
 
 
-def fake_app_state(app: FastAPI, active: int, webrtc: int, jobs: list[str] | None) -> None:
-    app.state.sessions = SimpleNamespace(active=active, capacity=8)
-    app.state.webrtc_calls = {f"call-{i}": object() for i in range(webrtc)}
+def fake_server() -> SimpleNamespace:
+    """Stands for the server's ``Services``: what ``setup_metrics`` reads."""
+    return SimpleNamespace(metrics=Metrics(), sessions=SimpleNamespace(active=0, capacity=8), webrtc_calls={}, jobs=None)
+
+
+def fake_app_state(server: SimpleNamespace, active: int, webrtc: int, jobs: list[str] | None) -> None:
+    server.sessions = SimpleNamespace(active=active, capacity=8)
+    server.webrtc_calls = {f"call-{i}": object() for i in range(webrtc)}
     if jobs is not None:
         listed = [SimpleNamespace(state=state) for state in jobs]
         store = SimpleNamespace(list=lambda **kwargs: [job for job in listed if job.state in kwargs["states"]])
-        app.state.jobs = SimpleNamespace(store=store)
+        server.jobs = SimpleNamespace(store=store)
 
 
 async def scrape(app: FastAPI, accept: str | None = None) -> httpx.Response:
@@ -134,11 +132,11 @@ async def scrape(app: FastAPI, accept: str | None = None) -> httpx.Response:
 
 
 async def test_metrics_route_reads_sessions_and_jobs_at_scrape_time() -> None:
-    from avatalk.avatars.jobs import JobState
+    from avatalk.jobs import JobState
 
-    app = FastAPI()
-    metrics = setup_metrics(app)
-    fake_app_state(app, active=3, webrtc=1, jobs=[JobState.QUEUED, JobState.QUEUED, JobState.RUNNING])
+    app, server = FastAPI(), fake_server()
+    metrics = setup_metrics(app, server)
+    fake_app_state(server, active=3, webrtc=1, jobs=[JobState.QUEUED, JobState.QUEUED, JobState.RUNNING])
     metrics.record_error("invalid_json")
     response = await scrape(app)
     assert response.status_code == 200
@@ -151,7 +149,7 @@ async def test_metrics_route_reads_sessions_and_jobs_at_scrape_time() -> None:
     assert 'avatalk_jobs{state="running"} 1.0' in text
     assert 'avatalk_errors_total{code="invalid_json"} 1.0' in text
     assert "# TYPE avatalk_turn_latency_seconds histogram" in text
-    fake_app_state(app, active=0, webrtc=0, jobs=None)
+    fake_app_state(server, active=0, webrtc=0, jobs=None)
     assert 'avatalk_active_sessions{transport="ws"} 0.0' in (await scrape(app)).text
     openmetrics = await scrape(app, "application/openmetrics-text; version=1.0.0")
     assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
@@ -160,8 +158,8 @@ async def test_metrics_route_reads_sessions_and_jobs_at_scrape_time() -> None:
 
 async def test_two_apps_keep_their_own_metrics() -> None:
     first, second = FastAPI(), FastAPI()
-    setup_metrics(first).record_error("invalid_json")
-    setup_metrics(second)
+    setup_metrics(first, fake_server()).record_error("invalid_json")
+    setup_metrics(second, fake_server())
     assert 'code="invalid_json"' in (await scrape(first)).text
     assert 'code="invalid_json"' not in (await scrape(second)).text
 
@@ -254,7 +252,7 @@ def test_configure_logging_installs_one_handler_and_routes_uvicorn(capsys: pytes
 
 
 def test_text_format_appends_ids() -> None:
-    formatter = observability.TextFormatter()
+    formatter = logs.TextFormatter()
     record = logging.LogRecord("avatalk.x", logging.INFO, __file__, 1, "latency %s", ({"first_audio": 1.0},), None)
     record.session_id, record.turn_id = "abc", 3
     assert formatter.format(record).endswith("avatalk.x: latency {'first_audio': 1.0} [session_id=abc turn_id=3]")

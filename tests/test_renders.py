@@ -21,6 +21,12 @@ def server(live_server_factory):
     return live_server_factory()
 
 
+@pytest.fixture(scope="module")
+def small_upload_server(live_server_factory):
+    """Uploads limited to 4 KiB, and no job rate limit in the way of many refused requests."""
+    return live_server_factory(avatars={"max_upload_bytes": 4096}, limits={"jobs_per_minute": 100_000})
+
+
 async def wait_job(http: httpx.AsyncClient, job_id: str, timeout: float = 120.0) -> dict:
     for _ in range(int(timeout / 0.2)):
         job = (await http.get(f"/v1/jobs/{job_id}")).json()
@@ -92,6 +98,34 @@ async def test_render_bad_requests(server, body, status):
         response = await http.post("/v1/renders", json=body)
         assert response.status_code == status, response.text
         assert response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "status"),
+    [
+        ({"avatar": "nobody"}, 404),
+        ({"avatar": "../../etc"}, 422),
+        ({}, 422),
+        ({"avatar": "ava", "size": "101"}, 422),
+        ({"avatar": "ava", "size": "4096"}, 422),
+        ({"avatar": "ava", "size": "big"}, 422),
+    ],
+)
+async def test_render_from_audio_bad_forms(small_upload_server, fields, status):
+    async with httpx.AsyncClient(base_url=small_upload_server.base_url) as http:
+        response = await http.post("/v1/renders/from-audio", data=fields, files={"file": ("a.wav", b"RIFF" * 100)})
+        assert response.status_code == status, response.text
+        assert response.json()["detail"]
+
+
+async def test_oversized_audio_upload_is_refused(small_upload_server):
+    async with httpx.AsyncClient(base_url=small_upload_server.base_url) as http:
+        response = await http.post(
+            "/v1/renders/from-audio", data={"avatar": "ava"}, files={"file": ("big.wav", bytes(10_000))}
+        )
+        assert response.status_code == 413, response.text
+        assert "4096 bytes" in response.json()["detail"]
+        assert (await http.get("/v1/jobs")).json()["jobs"] == []
 
 
 async def test_unknown_render_is_404(server):

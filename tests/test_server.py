@@ -12,6 +12,7 @@ from fakes import free_port
 
 from avatalk.client import AvatalkClient, talk
 from avatalk.media.audio import rms_dbfs, write_wav
+from avatalk.server.services import services
 from avatalk.streaming.models import EngineModels
 
 pytestmark = pytest.mark.slow
@@ -153,7 +154,7 @@ async def test_message_above_the_hard_cap_closes_cleanly(server):
 
 
 async def test_client_disconnecting_mid_reply_frees_its_slot(server):
-    sessions = server.app.state.sessions
+    sessions = services(server.app).sessions
     before = sessions.active
     client = await open_session(server.ws_url, greeting=True, persona={"greeting": LONG_GREETING})
     await client.wait_for(lambda e: e["type"] == "latency", timeout=60)

@@ -6,7 +6,7 @@ import asyncio
 import shutil
 import struct
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from avatalk.config import Settings
+from avatalk.executors import Executors
 from avatalk.tts import TTS, EspeakTTS, OpenAICompatibleTTS, PiperTTS, TTSError, WavStreamDecoder, create_tts
 
 
@@ -46,6 +47,13 @@ def wav_bytes(samples: np.ndarray, sample_rate: int, *, channels: int = 1, strea
 def tone(seconds: float, sample_rate: int) -> np.ndarray:
     t = np.arange(int(seconds * sample_rate)) / sample_rate
     return (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def executors() -> Iterator[Executors]:
+    pools = Executors.create()
+    yield pools
+    pools.shutdown()
 
 
 async def collect(tts: TTS, text: str) -> np.ndarray:
@@ -101,8 +109,8 @@ def test_wav_decoder_rejects_non_wav() -> None:
 
 
 @pytest.fixture(scope="module")
-def piper() -> PiperTTS:
-    tts = create_tts(Settings())
+def piper(executors: Executors) -> PiperTTS:
+    tts = create_tts(Settings(), executors)
     assert isinstance(tts, PiperTTS)
     return tts
 
@@ -168,9 +176,9 @@ async def test_piper_empty_text_yields_nothing(piper: PiperTTS) -> None:
     assert [chunk async for chunk in piper.synthesize("  ")] == []
 
 
-def test_piper_missing_voice(tmp_path: Path) -> None:
+def test_piper_missing_voice(tmp_path: Path, executors: Executors) -> None:
     with pytest.raises(TTSError, match="does not exist"):
-        PiperTTS(tmp_path / "nope.onnx")
+        PiperTTS(tmp_path / "nope.onnx", executors.tts)
 
 
 # --- espeak-ng ------------------------------------------------------------
@@ -179,8 +187,8 @@ needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="esp
 
 
 @needs_espeak
-async def test_espeak_speaks() -> None:
-    tts = create_tts(Settings(tts={"backend": "espeak"}))
+async def test_espeak_speaks(executors: Executors) -> None:
+    tts = create_tts(Settings(tts={"backend": "espeak"}), executors)
     assert isinstance(tts, EspeakTTS)
     audio = await collect(tts, "Hello there.")
     assert tts.sample_rate == 22050
@@ -233,14 +241,14 @@ def fake_speech_app(requests: list[dict[str, object]]) -> Starlette:
     return Starlette(routes=[Route("/v1/audio/speech", speech, methods=["POST"])])
 
 
-async def test_openai_tts_against_fake_server() -> None:
+async def test_openai_tts_against_fake_server(executors: Executors) -> None:
     requests: list[dict[str, object]] = []
     with fake_server(fake_speech_app(requests)) as base_url:
         settings = Settings(
-            tts={"backend": "openai", "base_url": base_url, "api_key": "sk-test", "model": "kokoro"},
+            tts={"backend": "openai", "openai": {"base_url": base_url, "api_key": "sk-test", "model": "kokoro"}},
             persona={"voice": "af_bella"},
         )
-        tts = create_tts(settings)
+        tts = create_tts(settings, executors)
         assert isinstance(tts, OpenAICompatibleTTS)
         assert tts.sample_rate == 24000  # documented default before the first reply
         chunks = [chunk async for chunk in tts.synthesize("Hello there.")]

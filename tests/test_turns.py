@@ -36,7 +36,7 @@ def test_turn_ends_after_silence_and_keeps_preroll():
 def test_sentence_complete_shortens_the_silence():
     d = detector(end_silence_ms=500, sentence_end_silence_ms=250, min_speech_ms=100)
     events = run(d, [0.9] * 30)
-    d.sentence_complete = True
+    d.note_transcript("That is all I wanted to ask.")
     events = run(d, [0.0] * 20)
     ended = [i for i, e in events if e.kind is TurnEventKind.TURN_ENDED]
     assert ended == [7]  # 8 windows = 256 ms >= 250 ms

@@ -1,12 +1,12 @@
 """Offline rendering: a talking-avatar MP4 from a script or an audio file.
 
 The same TTS and renderer as live sessions, driven as fast as the CPU allows
-instead of at real time. Used by ``avatalk render`` and ``POST /v1/renders``.
+instead of at real time. Used by ``avatalk render`` and by render jobs
+(``avatalk.avatars.render_job``, behind ``POST /v1/renders``).
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import threading
 from collections.abc import Callable, Iterator
@@ -16,18 +16,13 @@ from pathlib import Path
 import av
 import numpy as np
 
-from avatalk.avatars.jobs import JobContext, JobFailed, JobOutcome
-from avatalk.avatars.renderers import SAMPLES_PER_TICK, Renderer
-from avatalk.avatars.store import AvatarNotFound, AvatarStore, LoadedAvatar
-from avatalk.config import Settings
+from avatalk.avatars.renderers import Renderer
+from avatalk.avatars.store import LoadedAvatar
 from avatalk.media.audio import resample
 from avatalk.media.mp4 import write_mp4
-from avatalk.media.timebase import ENGINE_SAMPLE_RATE
+from avatalk.media.timebase import ENGINE_SAMPLE_RATE, FPS, SAMPLES_PER_TICK
 from avatalk.tts import TTS
 
-logger = logging.getLogger(__name__)
-
-RENDER_JOB = "render"
 MAX_RENDER_SECONDS = 600.0
 
 
@@ -92,7 +87,7 @@ def render_video(
     ticks = max(1, math.ceil(len(speech) / SAMPLES_PER_TICK))
     speech = np.pad(speech, (0, ticks * SAMPLES_PER_TICK - len(speech)))
     # The sound track covers exactly the rendered ticks, so picture and sound end together.
-    track = np.pad(audio, (0, max(0, ticks * sample_rate // 25 - len(audio))))[: ticks * sample_rate // 25]
+    track = np.pad(audio, (0, max(0, ticks * sample_rate // FPS - len(audio))))[: ticks * sample_rate // FPS]
     session = renderer.open(avatar, output_size)
 
     def frames() -> Iterator[np.ndarray]:
@@ -100,57 +95,8 @@ def render_video(
             if cancel is not None and cancel.is_set():
                 raise RenderError("the render was cancelled")
             yield session.render(tick, speech[tick * SAMPLES_PER_TICK : (tick + 1) * SAMPLES_PER_TICK])
-            if progress is not None and (tick % 25 == 0 or tick == ticks - 1):
+            if progress is not None and (tick % FPS == 0 or tick == ticks - 1):
                 progress((tick + 1) / ticks)
 
     count = write_mp4(out_path, frames(), track, sample_rate)
-    return RenderResult(out_path, count, ticks / 25)
-
-
-def renders_dir(settings: Settings) -> Path:
-    return (settings.data_dir / "renders").absolute()
-
-
-class RenderJobHandler:
-    """Runs ``render`` jobs: params ``input`` (a WAV or any audio file), ``avatar``, ``size``."""
-
-    def __init__(self, settings: Settings, avatars: AvatarStore, renderer: Callable[[], Renderer | None]) -> None:
-        """``renderer`` returns the server's loaded renderer (None while it is still loading)."""
-        self.settings = settings
-        self.avatars = avatars
-        self._server_renderer = renderer
-
-    def _get_renderer(self) -> Renderer:
-        # The server's renderer, not a second copy: MuseTalk weights are loaded once per process.
-        renderer = self._server_renderer()
-        if renderer is None:
-            raise JobFailed("the server is still loading its renderer; submit the render again in a moment")
-        return renderer
-
-    def __call__(self, context: JobContext) -> JobOutcome:
-        params = context.job.params
-        try:
-            avatar = self.avatars.load(params["avatar"])
-        except AvatarNotFound as error:
-            raise JobFailed(f"there is no avatar {params['avatar']!r}") from error
-        out_path = renders_dir(self.settings) / f"{context.job.id}.mp4"
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            context.progress("decoding", 0.0)
-            audio, rate = load_audio(Path(params["input"]))
-            result = render_video(
-                self._get_renderer(),
-                avatar,
-                audio,
-                rate,
-                out_path,
-                int(params.get("size") or self.settings.avatars.output_size),
-                progress=lambda fraction: context.progress("rendering", 0.05 + 0.95 * fraction),
-                cancel=context.cancel,
-            )
-        except RenderError as error:
-            raise JobFailed(str(error)) from error
-        return JobOutcome(
-            f"rendered {result.frames} frames ({result.seconds:.1f} s)",
-            {"frames": result.frames, "seconds": result.seconds, "url": f"/v1/renders/{context.job.id}"},
-        )
+    return RenderResult(out_path, count, ticks / FPS)

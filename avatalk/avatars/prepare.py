@@ -23,7 +23,7 @@ import os
 import shutil
 import threading
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,6 +46,7 @@ from avatalk.avatars.store import (
     SourceInfo,
     validate_avatar_id,
 )
+from avatalk.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -847,3 +848,54 @@ def _write_cropped_video(
     if count != len(landmarks):
         raise AvatarPreparationError(f"{reader.path.name} decoded differently on the second pass")
     return ((landmarks - np.array([x0, y0], np.float32)) * scale).astype(np.float32)
+
+
+# --- With this installation's settings ------------------------------------------------
+
+#: Share of the overall progress each stage of ``prepare_avatar`` covers. "writing"
+#: happens only when frames are cut to a square; a photo goes straight to "finishing".
+AVATAR_STAGE_SPANS: Mapping[str, tuple[float, float]] = {
+    "analysing": (0.0, 0.6),
+    "writing": (0.6, 0.85),
+    "finishing": (0.85, 1.0),
+    "done": (1.0, 1.0),
+}
+
+
+def avatar_progress(stage: str, fraction: float) -> float:
+    """Overall progress (0..1) of an avatar preparation from its stage and the fraction of that stage."""
+    start, end = AVATAR_STAGE_SPANS.get(stage, (0.0, 1.0))
+    return start + (end - start) * min(max(fraction, 0.0), 1.0)
+
+
+def avatars_root(settings: Settings) -> Path:
+    """Where prepared avatars live."""
+    return settings.data_dir / "avatars"
+
+
+def prepare_with_settings(
+    settings: Settings,
+    source: Path,
+    avatar_id: str,
+    display_name: str,
+    *,
+    kind: Literal["video", "image", "auto"] = "auto",
+    progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+) -> AvatarManifest:
+    """``prepare_avatar`` with the configured limits and frame size, into ``avatars_root``.
+
+    The CLI and the server's preparation jobs both go through here, so an
+    avatar comes out the same whichever way it was made.
+    """
+    return prepare_avatar(
+        source,
+        avatar_id,
+        display_name,
+        avatars_root(settings),
+        kind=kind,
+        max_seconds=settings.avatars.max_video_seconds,
+        frame_size=settings.avatars.output_size,
+        progress=progress,
+        cancel=cancel,
+    )

@@ -1,24 +1,27 @@
 """The embedded default LLM: a GGUF model run in-process by llama.cpp.
 
-llama.cpp's generation loop is synchronous, so it runs in a worker thread via
-``iterate_in_thread``. One ``Llama`` context can only decode one sequence at a
-time, so a lock serialises generations of the loaded model across sessions;
-a stopped consumer releases it within one token.
+llama.cpp's generation loop is synchronous, so it runs on the ``llm``
+executor and its deltas reach the event loop through a small bounded queue.
+One ``Llama`` context decodes one sequence at a time, so sessions take turns
+on the loaded model (``ModelTurns``): they wait in asyncio, in arrival order,
+and a generation is submitted to the executor only when the model is free. A
+consumer that stops reading ends its generation at the next token.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
-from avatalk.fair_lock import FairLock
+from avatalk.config import Settings
+from avatalk.executors import Executors
 from avatalk.llm.base import LLM, ChatMessage, LLMError
-from avatalk.threads import iterate_in_thread
+from avatalk.threads import Emit, ModelTurns
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -34,6 +37,7 @@ class LlamaCppLLM(LLM):
     def __init__(
         self,
         model_path: Path,
+        executors: Executors,
         *,
         n_ctx: int = 2048,
         n_threads: int = 2,
@@ -50,7 +54,7 @@ class LlamaCppLLM(LLM):
             ) from error
         path = Path(model_path)
         if not path.is_file():
-            raise LLMError(f"LLM model file {path} does not exist (set llm.model_path to a GGUF file)")
+            raise LLMError(f"LLM model file {path} does not exist (set llm.llama_cpp.model_path to a GGUF file)")
         started = time.perf_counter()
         try:
             self._llama: Llama = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, verbose=False)
@@ -60,10 +64,23 @@ class LlamaCppLLM(LLM):
             ) from error
         self._max_tokens = max_tokens
         self._temperature = temperature
-        self._lock = FairLock()  # sessions take turns in arrival order
+        self._turns = ModelTurns(executors.llm)
         self._closed = False
         logger.info(
             "loaded %s in %.2f s (n_ctx=%d, threads=%d)", path.name, time.perf_counter() - started, n_ctx, n_threads
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings, executors: Executors) -> Self:
+        """The model of ``llm.llama_cpp`` (the bundled SmolLM2 when unset)."""
+        section = settings.llm.llama_cpp
+        return cls(
+            settings.llm_model_path(),
+            executors,
+            n_ctx=section.context_tokens,
+            n_threads=section.threads,
+            max_tokens=settings.llm.max_tokens,
+            temperature=settings.llm.temperature,
         )
 
     async def stream(self, messages: list[ChatMessage]) -> AsyncIterator[str]:
@@ -71,51 +88,39 @@ class LlamaCppLLM(LLM):
         if self._closed:
             raise LLMError("the llama.cpp model has been closed")
         payload = [{"role": message.role, "content": message.content} for message in messages]
+        deltas = self._turns.stream(lambda emit, stop: self._generate(payload, emit, stop), maxsize=2)
         try:
-            async for delta in iterate_in_thread(lambda stop: self._generate(payload, stop), maxsize=2):
-                yield delta
+            async with aclosing(deltas):
+                async for delta in deltas:
+                    yield delta
         except (ValueError, RuntimeError) as error:  # e.g. the prompt exceeds the context window
             raise LLMError(f"llama.cpp could not generate a reply: {error}") from error
 
-    def _generate(self, payload: list[dict[str, str]], stop: threading.Event) -> Iterator[str]:
-        """Blocking generation loop run in a worker thread; holds the model lock."""
-        if not self._lock.acquire(stop):
-            return
+    def _generate(self, payload: list[dict[str, str]], emit: Emit[str], stop: threading.Event) -> None:
+        """Blocking generation loop, run on the ``llm`` executor during this caller's turn."""
+        chunks: Any = self._llama.create_chat_completion(
+            messages=payload,  # type: ignore[arg-type]
+            stream=True,
+            max_tokens=self._max_tokens,
+            temperature=self._temperature,
+        )
         try:
-            if stop.is_set():
-                return
-            chunks: Any = self._llama.create_chat_completion(
-                messages=payload,  # type: ignore[arg-type]
-                stream=True,
-                max_tokens=self._max_tokens,
-                temperature=self._temperature,
-            )
-            try:
-                for chunk in chunks:
-                    if stop.is_set():
-                        break
-                    content = chunk["choices"][0]["delta"].get("content")
-                    if content:
-                        yield content
-            finally:
-                # Closing the generator ends llama.cpp's decode loop now rather
-                # than at garbage collection, before the lock is released.
-                chunks.close()
+            for chunk in chunks:
+                content = chunk["choices"][0]["delta"].get("content")
+                if content and not emit(content):
+                    break
         finally:
-            self._lock.release()
+            # Closing the generator ends llama.cpp's decode loop now rather
+            # than at garbage collection, before the turn passes on.
+            chunks.close()
 
     def count_tokens(self, text: str) -> int:
         """Exact token count with the model's own tokenizer."""
         return len(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
     async def aclose(self) -> None:
-        """Free the model once any running generation has finished."""
+        """Free the model once a running generation has finished (waiting in asyncio, like a session)."""
         if self._closed:
             return
         self._closed = True
-        await asyncio.to_thread(self._close_model)
-
-    def _close_model(self) -> None:
-        """Wait for the model lock (a running generation ends first), then free it."""
-        with self._lock:
-            self._llama.close()
+        await self._turns.run(self._llama.close)

@@ -24,11 +24,19 @@ class _Exchange:
 
     ``user`` is None only for a reply spoken before the user said anything
     (the greeting); ``assistant`` is None while the reply is pending or when
-    nothing of it was spoken.
+    nothing of it was spoken. The token counts are those of the current
+    texts, counted once when a text is set.
     """
 
     user: str | None
     assistant: str | None = None
+    user_tokens: int = 0
+    assistant_tokens: int = 0
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of the whole exchange, from the cached counts."""
+        return self.user_tokens + self.assistant_tokens
 
     def messages(self) -> list[ChatMessage]:
         """The exchange as chat messages, missing parts left out."""
@@ -67,7 +75,9 @@ class DialogueMemory:
         """``max_turns`` earlier exchanges and ``max_tokens`` of history at most.
 
         ``count_tokens`` is usually ``LLM.count_tokens`` so budgets match the
-        model's tokenizer.
+        model's tokenizer. It can be slow (a tokenizer call), so each message
+        is counted once, when it is recorded or grows, never when the history
+        is trimmed.
         """
         self.system_prompt = system_prompt
         self.max_turns = max_turns
@@ -84,8 +94,9 @@ class DialogueMemory:
         if last is not None and last.user is not None and last.assistant is None:
             logger.debug("merging user message into the unanswered one before it")
             last.user = f"{last.user} {text}"
+            last.user_tokens = self._count_tokens(last.user)
         else:
-            self._exchanges.append(_Exchange(user=text))
+            self._exchanges.append(_Exchange(user=text, user_tokens=self._count_tokens(text)))
 
     def add_assistant(self, text: str) -> None:
         """Record what the assistant actually said (empty text is dropped)."""
@@ -94,11 +105,10 @@ class DialogueMemory:
             return
         last = self._exchanges[-1] if self._exchanges else None
         if last is None:
-            self._exchanges.append(_Exchange(user=None, assistant=text))
-        elif last.assistant is None:
-            last.assistant = text
-        else:
-            last.assistant = f"{last.assistant} {text}"
+            self._exchanges.append(_Exchange(user=None, assistant=text, assistant_tokens=self._count_tokens(text)))
+            return
+        last.assistant = text if last.assistant is None else f"{last.assistant} {text}"
+        last.assistant_tokens = self._count_tokens(last.assistant)
 
     def messages(self) -> list[ChatMessage]:
         """The system prompt and the newest exchanges within both budgets.
@@ -111,7 +121,7 @@ class DialogueMemory:
         kept: list[_Exchange] = []
         tokens = 0
         for index, exchange in enumerate(reversed(self._exchanges)):
-            cost = sum(self._count_tokens(message.content) for message in exchange.messages())
+            cost = exchange.tokens
             if index > 0 and (index > self.max_turns or tokens + cost > self.max_tokens):
                 break
             kept.append(exchange)

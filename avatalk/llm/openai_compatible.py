@@ -12,10 +12,12 @@ import json
 import logging
 import os
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Self
 
 import httpx
 
+from avatalk.config import Settings
+from avatalk.executors import Executors
 from avatalk.llm.base import LLM, ChatMessage, LLMError
 
 logger = logging.getLogger(__name__)
@@ -47,6 +49,19 @@ class OpenAICompatibleLLM(LLM):
         self._timeout_s = timeout_s
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout_s))
+
+    @classmethod
+    def from_settings(cls, settings: Settings, executors: Executors) -> Self:
+        """The server of ``llm.openai``; requests are plain async I/O, so no executor is used."""
+        section = settings.llm.openai
+        return cls(
+            section.base_url,
+            model=section.model,
+            api_key=section.api_key,
+            max_tokens=settings.llm.max_tokens,
+            temperature=settings.llm.temperature,
+            timeout_s=section.timeout_s,
+        )
 
     async def stream(self, messages: list[ChatMessage]) -> AsyncIterator[str]:
         """Stream the reply; see ``LLM.stream``."""

@@ -1,34 +1,33 @@
-"""FastAPI application factory: lifespan (load models once), health and the routes."""
+"""FastAPI application factory: the app's services, lifespan (load models once), health and the routes."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
-from typing import Any
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
-from fastapi.openapi.utils import get_openapi
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from avatalk import __version__
 from avatalk.config import Settings
+from avatalk.observability import setup_metrics
+from avatalk.server.auth import AuthMiddleware, RateLimiter, check_exposure
 from avatalk.server.avatars_api import router as avatars_router
 from avatalk.server.avatars_api import setup_avatars, shutdown_avatars
 from avatalk.server.renders_api import router as renders_router
-from avatalk.observability import setup_metrics
-from avatalk.server.auth import AuthMiddleware, Authenticator, RateLimiter, check_exposure
-from avatalk.server.sessions import SessionRegistry
+from avatalk.server.services import Services
 from avatalk.server.tokens_api import router as tokens_router
-from avatalk.server.webrtc_api import close_all_calls
+from avatalk.server.webrtc import close_all_calls, set_host_addresses
 from avatalk.server.webrtc_api import router as webrtc_router
 from avatalk.server.websocket import router as websocket_router
 from avatalk.streaming.models import EngineModels
-from avatalk.streaming.webrtc import set_host_addresses
 
 logger = logging.getLogger(__name__)
 
@@ -42,27 +41,27 @@ def create_app(settings: Settings, models: EngineModels | None = None) -> FastAP
         set_host_addresses(settings.webrtc.host_addresses)
         await setup_avatars(app, settings)
         try:
-            app.state.models = models
+            svc.models = models
             if owned:
                 loaded = await asyncio.to_thread(EngineModels.load, settings)
                 await loaded.warm_up(settings.persona.system_prompt)
-                app.state.models = loaded
+                svc.models = loaded
             logger.info("avatalk %s ready on %s:%d", __version__, settings.host, settings.port)
             yield
         finally:
-            await app.state.sessions.close_all(settings.limits.drain_s)
-            await close_all_calls(app.state.webrtc_calls)
+            await svc.sessions.close_all(settings.limits.drain_s)
+            await close_all_calls(svc.webrtc_calls)
             await shutdown_avatars(app)
-            if owned and app.state.models is not None:
-                await app.state.models.aclose()
+            if owned and svc.models is not None:
+                await svc.models.aclose()
 
     check_exposure(settings)
     app = FastAPI(title="avatalk", version=__version__, lifespan=lifespan)
-    app.state.settings = settings
-    app.state.authenticator = Authenticator(settings)
+    svc = Services.create(settings)
+    app.state.services = svc
     app.add_middleware(
         AuthMiddleware,
-        authenticator=app.state.authenticator,
+        authenticator=svc.authenticator,
         limiter=RateLimiter(settings.limits.jobs_per_minute),
     )
     if settings.auth.cors_origins:
@@ -72,10 +71,7 @@ def create_app(settings: Settings, models: EngineModels | None = None) -> FastAP
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type"],
         )
-    app.state.models = None
-    app.state.sessions = SessionRegistry(settings.limits.max_sessions)
-    app.state.webrtc_calls = {}
-    setup_metrics(app)
+    setup_metrics(app, svc)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
@@ -85,8 +81,8 @@ def create_app(settings: Settings, models: EngineModels | None = None) -> FastAP
     @app.get("/readyz", tags=["health"])
     async def readyz() -> JSONResponse:
         """Readiness: models loaded and a session slot free."""
-        sessions: SessionRegistry = app.state.sessions
-        ready = app.state.models is not None
+        sessions = svc.sessions
+        ready = svc.models is not None
         body = {
             "status": "ready" if ready else "loading",
             "sessions": sessions.active,

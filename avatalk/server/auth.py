@@ -23,6 +23,7 @@ import time
 from collections import defaultdict, deque
 from dataclasses import dataclass
 
+from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from avatalk.config import ApiKey, Settings
@@ -46,6 +47,16 @@ class Principal:
     name: str
     kind: str  # "key", "token" or "open"
     max_sessions: int | None = None
+
+
+#: Everyone, on a server without keys.
+OPEN = Principal("open", "open")
+
+
+def principal_of(connection: HTTPConnection) -> Principal:
+    """Who made this request or WebSocket, as ``AuthMiddleware`` found it (``OPEN`` on open paths)."""
+    principal: Principal = getattr(connection.state, "principal", OPEN)
+    return principal
 
 
 def hash_key(key: str) -> str:

@@ -1,8 +1,8 @@
 """REST API for avatars: create (upload or server-side file), list, get, delete, job status.
 
 Creating an avatar takes a while, so ``POST /v1/avatars`` answers 202 with a
-job to poll at ``/v1/jobs/{id}`` (DESIGN.md section 4). Uploads are read as
-a stream and written straight to ``<data_dir>/uploads``: the size limit is
+job to poll at ``/v1/jobs/{id}`` (DESIGN.md section 4). Uploads are streamed
+to ``<data_dir>/uploads`` by ``avatalk.server.uploads``: the size limit is
 enforced while receiving (a client cannot make the server buffer more than
 the limit) and the content type is checked on the first bytes, so a wrong
 file is refused before it is fully sent. Requests are checked before any
@@ -10,43 +10,26 @@ job is queued: the id (422), the id being free (409), the size (413) and
 the type (415); what only preparation can find out (no face, an undecodable
 stream) ends in a ``failed`` job whose message says why.
 
-The routes read ``app.state.settings``, ``app.state.avatar_store`` and
-``app.state.jobs`` (a ``JobRunner``), which ``setup_avatars`` creates and
-``shutdown_avatars`` closes in the app's lifespan.
+The routes read the app's ``Services`` (settings, avatar store and job
+runner); ``setup_avatars`` opens the store and the jobs and
+``shutdown_avatars`` closes them in the app's lifespan.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
-import shutil
-import uuid
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Response, status
 from pydantic import BaseModel, Field
-from python_multipart import MultipartParser
-from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import parse_options_header
-from starlette.requests import ClientDisconnect
 
 from avatalk.avatars.default_face import ensure_default_avatar
-from avatalk.avatars.jobs import (
-    AVATAR_JOB,
-    AvatarJobHandler,
-    Job,
-    JobConflict,
-    JobNotFound,
-    JobRunner,
-    JobState,
-    JobStore,
-    QueueFull,
-    avatars_root,
-)
-from avatalk.avatars.offline import RENDER_JOB, RenderJobHandler
+from avatalk.avatars.preparation_job import AVATAR_JOB, AvatarJobHandler
+from avatalk.avatars.prepare import avatars_root
+from avatalk.avatars.render_job import RENDER_JOB, RenderJobHandler
 from avatalk.avatars.store import (
     MAX_DISPLAY_NAME,
     AvatarManifest,
@@ -57,16 +40,16 @@ from avatalk.avatars.store import (
     validate_avatar_id,
 )
 from avatalk.config import Settings
-from avatalk.media.sniff import SNIFF_BYTES, MediaType, sniff_file, sniff_media
+from avatalk.jobs import Job, JobConflict, JobNotFound, JobRunner, JobState, QueueFull, SQLiteJobStore
+from avatalk.media.sniff import MediaType, sniff_file, sniff_media
+from avatalk.server.services import services
+from avatalk.server.uploads import receive_form, remove_orphan_uploads, unprocessable, upload_folder
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["avatars"])
 
-#: Room for the multipart framing and the text fields on top of the file's own limit.
-_FORM_OVERHEAD_BYTES = 64 * 1024
-_MAX_FIELD_BYTES = 4 * 1024
-_TEXT_FIELDS = frozenset({"id", "display_name"})
+_TEXT_FIELDS = ("id", "display_name")
 _RETRY_AFTER_S = "30"
 
 
@@ -81,7 +64,7 @@ class JobOut(BaseModel):
     """A background job as clients see it (its server-side parameters stay private)."""
 
     id: str
-    kind: str = Field(description='"avatar" for avatar preparation')
+    kind: str = Field(description='"avatar" for avatar preparation, "render" for an offline render')
     state: JobState
     stage: str | None = Field(description='current step, e.g. "analysing", "writing", "finishing", "done"')
     progress: float = Field(ge=0.0, le=1.0, description="overall progress, 0..1")
@@ -206,35 +189,27 @@ _UPLOAD_BODY: dict[str, Any] = {
 # --- Lifespan ----------------------------------------------------------------------
 
 
-def uploads_dir(settings: Settings) -> Path:
-    """Where uploads are received, one folder per upload, until their job has ended.
-
-    Absolute, because the path is stored in the job and must mean the same
-    after a restart from another working directory.
-    """
-    return (settings.data_dir / "uploads").absolute()
-
-
 async def setup_avatars(app: FastAPI, settings: Settings) -> None:
     """Open the avatar store and the jobs, and start the job workers (call in the lifespan).
 
     Generates the default avatar on a fresh install, settles the jobs of a
-    previous process (see ``avatalk.avatars.jobs``) and removes uploads that
+    previous process (see ``avatalk.jobs.store``) and removes uploads that
     no queued job needs any more.
     """
     root = avatars_root(settings)
     await asyncio.to_thread(ensure_default_avatar, root)
-    app.state.settings = settings
-    app.state.avatar_store = await asyncio.to_thread(AvatarStore, root)
-    store = await asyncio.to_thread(JobStore, settings.data_dir / "jobs.sqlite3")
+    svc = services(app)
+    avatar_store = await asyncio.to_thread(AvatarStore, root)
+    svc.avatar_store = avatar_store
+    store = await asyncio.to_thread(SQLiteJobStore, settings.data_dir / "jobs.sqlite3")
     try:
-        await asyncio.to_thread(_remove_orphan_uploads, uploads_dir(settings), store)
+        await asyncio.to_thread(remove_orphan_uploads, settings, store)
         runner = JobRunner(
             store,
             {
                 AVATAR_JOB: AvatarJobHandler(settings),
                 RENDER_JOB: RenderJobHandler(
-                    settings, app.state.avatar_store, lambda: getattr(app.state.models, "renderer", None)
+                    settings, avatar_store, lambda: None if svc.models is None else svc.models.renderer
                 ),
             },
             workers=settings.avatars.preparation_workers,
@@ -243,53 +218,33 @@ async def setup_avatars(app: FastAPI, settings: Settings) -> None:
     except BaseException:
         store.close()
         raise
-    app.state.jobs = runner
+    svc.jobs = runner
 
 
 async def shutdown_avatars(app: FastAPI) -> None:
     """Stop the job workers (running jobs are put back in the queue) and close the jobs database."""
-    runner: JobRunner | None = getattr(app.state, "jobs", None)
+    svc = services(app)
+    runner = svc.jobs
     if runner is None:
         return
     await runner.stop()
     runner.store.close()
-    app.state.jobs = None
-
-
-def _remove_orphan_uploads(folder: Path, store: JobStore) -> None:
-    """Delete uploads left by a previous process: cut-off transfers and inputs of jobs that ended."""
-    if not folder.is_dir():
-        return
-    needed = {
-        Path(job.params["cleanup"])
-        for job in store.list(limit=None, states=[JobState.QUEUED])
-        if job.params.get("cleanup")
-    }
-    for entry in folder.iterdir():
-        if entry not in needed:
-            log.info("removing leftover upload %s", entry)
-            if entry.is_dir():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+    svc.jobs = None
 
 
 # --- Helpers -------------------------------------------------------------------------
 
 
 def _settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
+    return services(request).settings
 
 
 def _avatars(request: Request) -> AvatarStore:
-    store: AvatarStore = request.app.state.avatar_store
-    return store
+    return services(request).require_avatar_store()
 
 
 def _jobs(request: Request) -> JobRunner:
-    runner: JobRunner = request.app.state.jobs
-    return runner
+    return services(request).require_jobs()
 
 
 def _valid_id(avatar_id: str) -> str:
@@ -315,7 +270,7 @@ async def _ensure_id_free(request: Request, avatar_id: str) -> None:
         raise HTTPException(
             status.HTTP_409_CONFLICT, f"an avatar with id {avatar_id!r} already exists; delete it or choose another id"
         )
-    active = await asyncio.to_thread(_jobs(request).store.active_for_avatar, avatar_id)
+    active = await asyncio.to_thread(_jobs(request).store.active_for_avatar, avatar_id, AVATAR_JOB)
     if active is not None:
         raise HTTPException(
             status.HTTP_409_CONFLICT, f"avatar {avatar_id!r} is already being prepared (job {active.id})"
@@ -341,7 +296,7 @@ async def _queue_avatar_job(
     return AvatarJobAccepted(job=JobOut.of(job), avatar_id=avatar_id)
 
 
-def _check_media(media: MediaType | None, declared: str | None, name: str) -> MediaType:
+def _check_media(media: MediaType | None, declared: str | None, name: str) -> None:
     """415 unless the content is a supported video or photo and the declared type does not contradict it."""
     if media is None:
         raise HTTPException(
@@ -358,201 +313,10 @@ def _check_media(media: MediaType | None, declared: str | None, name: str) -> Me
             status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
             f"{name} was sent as {declared} but its content is a {media.format} {media.kind}",
         )
-    return media
 
 
-def _safe_filename(name: str | None) -> str:
-    """The client's file name reduced to a harmless base name (kept because the manifest records it)."""
-    base = re.split(r"[\\/]", name or "")[-1]
-    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", base).lstrip("._")[-100:]
-    return cleaned or "upload"
-
-
-def _too_large(limit: int) -> HTTPException:
-    return HTTPException(
-        status.HTTP_413_CONTENT_TOO_LARGE,
-        f"the upload is larger than the limit of {limit / 1_048_576:.1f} MiB ({limit} bytes, avatars.max_upload_bytes)",
-    )
-
-
-def _unprocessable(detail: str) -> HTTPException:
-    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail)
-
-
-# --- Streaming multipart upload ----------------------------------------------------------
-
-
-class _Upload:
-    """A multipart/form-data body being received: small text fields in memory, the file on disk.
-
-    python-multipart's callbacks are synchronous and run inside
-    ``parser.write``; file data is only collected there and written out by
-    ``flush`` in a worker thread, so the event loop never blocks on disk I/O.
-    Callbacks raise ``HTTPException`` to refuse the upload mid-stream.
-    """
-
-    def __init__(self, folder: Path, max_file_bytes: int) -> None:
-        self.folder = folder
-        self.max_file_bytes = max_file_bytes
-        self.fields: dict[str, str] = {}
-        self.path: Path | None = None
-        self.file_bytes = 0
-        self.media: MediaType | None = None
-        self.complete = False  # the closing boundary arrived
-        self._declared: str | None = None
-        self._head = b""
-        self._pending: list[bytes] = []
-        self._handle: IO[bytes] | None = None
-        self._part: str | None = None  # name of the part being received
-        self._value = bytearray()
-        self._headers: dict[bytes, bytes] = {}
-        self._header_name = b""
-        self._header_value = b""
-
-    def parser(self, boundary: bytes) -> MultipartParser:
-        return MultipartParser(
-            boundary,
-            {
-                "on_part_begin": self._on_part_begin,
-                "on_header_field": self._on_header_field,
-                "on_header_value": self._on_header_value,
-                "on_header_end": self._on_header_end,
-                "on_headers_finished": self._on_headers_finished,
-                "on_part_data": self._on_part_data,
-                "on_part_end": self._on_part_end,
-                "on_end": self._on_end,
-            },
-        )
-
-    def _on_part_begin(self) -> None:
-        self._headers = {}
-        self._part = None
-
-    def _on_header_field(self, data: bytes, start: int, end: int) -> None:
-        self._header_name += data[start:end]
-
-    def _on_header_value(self, data: bytes, start: int, end: int) -> None:
-        self._header_value += data[start:end]
-
-    def _on_header_end(self) -> None:
-        self._headers[self._header_name.lower()] = self._header_value
-        self._header_name = self._header_value = b""
-
-    def _on_headers_finished(self) -> None:
-        _, options = parse_options_header(self._headers.get(b"content-disposition"))
-        name = options.get(b"name", b"").decode("utf-8", "replace")
-        if name == "file":
-            if self.path is not None:
-                raise _unprocessable("send exactly one file in the form field 'file'")
-            filename = options.get(b"filename")
-            self.path = self.folder / _safe_filename(None if filename is None else filename.decode("utf-8", "replace"))
-            declared = self._headers.get(b"content-type")
-            self._declared = None if declared is None else declared.decode("latin-1").split(";")[0].strip()
-        elif name in _TEXT_FIELDS:
-            if name in self.fields:
-                raise _unprocessable(f"the form field {name!r} was sent twice")
-            self._value = bytearray()
-        else:
-            raise _unprocessable(f"unexpected form field {name!r}; send id, display_name and file")
-        self._part = name
-
-    def _on_part_data(self, data: bytes, start: int, end: int) -> None:
-        chunk = data[start:end]
-        if self._part == "file":
-            self.file_bytes += len(chunk)
-            if self.file_bytes > self.max_file_bytes:
-                raise _too_large(self.max_file_bytes)
-            if self.media is None:
-                self._head += chunk[:SNIFF_BYTES]
-                if len(self._head) >= SNIFF_BYTES:
-                    self._sniff()
-            self._pending.append(chunk)
-        else:
-            self._value += chunk
-            if len(self._value) > _MAX_FIELD_BYTES:
-                raise _unprocessable(f"the form field {self._part!r} is too long")
-
-    def _on_part_end(self) -> None:
-        if self._part == "file":
-            if self.file_bytes == 0:
-                raise _unprocessable("the uploaded file is empty")
-            if self.media is None:  # a file shorter than SNIFF_BYTES
-                self._sniff()
-        elif self._part is not None:
-            try:
-                self.fields[self._part] = self._value.decode("utf-8")
-            except UnicodeDecodeError:
-                raise _unprocessable(f"the form field {self._part!r} is not UTF-8 text") from None
-        self._part = None
-
-    def _on_end(self) -> None:
-        self.complete = True
-
-    def _sniff(self) -> None:
-        self.media = _check_media(sniff_media(self._head), self._declared, "the uploaded file")
-
-    @property
-    def has_pending(self) -> bool:
-        return bool(self._pending)
-
-    def flush(self) -> None:
-        """Write the file data received so far (blocking: run it in a thread)."""
-        if not self._pending:
-            return
-        if self._handle is None:
-            assert self.path is not None  # data only arrives for a named file part
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self._handle = self.path.open("xb")
-        self._handle.writelines(self._pending)
-        self._pending.clear()
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-
-
-async def _receive_upload(request: Request, folder: Path, max_file_bytes: int) -> _Upload:
-    """Stream the request's multipart body into ``folder``; raises ``HTTPException`` on a bad request.
-
-    As soon as the ``id`` field has arrived it is checked (422/409), so a
-    client that sends it before the file learns of a problem before sending
-    the whole file.
-    """
-    content_type, options = parse_options_header(request.headers.get("content-type"))
-    boundary = options.get(b"boundary")
-    if content_type != b"multipart/form-data" or not boundary:
-        raise HTTPException(
-            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, "send multipart/form-data with the fields id, display_name and file"
-        )
-    body_limit = max_file_bytes + _FORM_OVERHEAD_BYTES
-    declared_length = request.headers.get("content-length", "")
-    if declared_length.isdigit() and int(declared_length) > body_limit:
-        raise _too_large(max_file_bytes)
-    upload = _Upload(folder, max_file_bytes)
-    parser = upload.parser(boundary)
-    received = 0
-    id_checked = False
-    try:
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > body_limit:
-                raise _too_large(max_file_bytes)
-            parser.write(chunk)
-            if upload.has_pending:
-                await asyncio.to_thread(upload.flush)
-            if not id_checked and "id" in upload.fields:
-                id_checked = True
-                await _ensure_id_free(request, _valid_id(upload.fields["id"]))
-        parser.finalize()
-    except FormParserError:
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, "the multipart form is malformed") from None
-    finally:
-        await asyncio.to_thread(upload.close)
-    if not upload.complete:
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, "the upload ended before the form was complete")
-    if upload.path is None:
-        raise _unprocessable("the form field 'file' with the video or photo is missing")
-    return upload
+def _check_uploaded_media(head: bytes, declared: str | None) -> None:
+    _check_media(sniff_media(head), declared, "the uploaded file")
 
 
 # --- Routes ----------------------------------------------------------------------------
@@ -569,21 +333,30 @@ async def _receive_upload(request: Request, folder: Path, max_file_bytes: int) -
 async def create_avatar(request: Request, response: Response) -> AvatarJobAccepted:
     """Queue the preparation of an uploaded video or photo; poll the job in the Location header."""
     settings = _settings(request)
-    folder = uploads_dir(settings) / uuid.uuid4().hex
-    try:
-        upload = await _receive_upload(request, folder, settings.avatars.max_upload_bytes)
+
+    async def check_field(name: str, value: str) -> None:
+        # The id is checked as soon as it arrives: a client that sends it before the
+        # file learns of a problem (422, 409) before sending the whole file.
+        if name == "id":
+            await _ensure_id_free(request, _valid_id(value))
+
+    async with upload_folder(settings) as folder:
+        upload = await receive_form(
+            request,
+            folder,
+            max_file_bytes=settings.avatars.max_upload_bytes,
+            text_fields=_TEXT_FIELDS,
+            file_what="the video or photo",
+            check_head=_check_uploaded_media,
+            check_field=check_field,
+        )
         if "id" not in upload.fields:
-            raise _unprocessable("the form field 'id' is missing")
+            raise unprocessable("the form field 'id' is missing")
         avatar_id = _valid_id(upload.fields["id"])
         display_name = _display_name(upload.fields.get("display_name"), avatar_id)
         assert upload.path is not None
         accepted = await _queue_avatar_job(request, response, avatar_id, display_name, upload.path, folder)
-    except (Exception, asyncio.CancelledError) as error:
-        await asyncio.to_thread(shutil.rmtree, folder, True)
-        if isinstance(error, ClientDisconnect):
-            log.info("client went away during an upload")
-        raise
-    log.info("received a %d-byte upload for avatar %s (job %s)", upload.file_bytes, avatar_id, accepted.job.id)
+    logger.info("received a %d-byte upload for avatar %s (job %s)", upload.file_bytes, avatar_id, accepted.job.id)
     return accepted
 
 
@@ -627,7 +400,7 @@ def _resolve_import(root: Path, given: str) -> Path:
     try:
         candidate = (base / given).resolve()
     except (OSError, ValueError):
-        raise _unprocessable(f"invalid path {given!r}") from None
+        raise unprocessable(f"invalid path {given!r}") from None
     if not candidate.is_relative_to(base):
         raise HTTPException(status.HTTP_403_FORBIDDEN, f"{given!r} is outside the server's import folder")
     if not candidate.is_file():
@@ -649,7 +422,7 @@ async def get_avatar(avatar_id: str, request: Request) -> AvatarDetail:
     try:
         manifest = await asyncio.to_thread(_avatars(request).get, avatar_id)
     except AvatarNotFound:
-        active = await asyncio.to_thread(_jobs(request).store.active_for_avatar, avatar_id)
+        active = await asyncio.to_thread(_jobs(request).store.active_for_avatar, avatar_id, AVATAR_JOB)
         if active is not None:
             raise HTTPException(
                 status.HTTP_404_NOT_FOUND,
@@ -688,7 +461,7 @@ async def delete_avatar(avatar_id: str, request: Request) -> Response:
             status.HTTP_409_CONFLICT, f"{avatar_id!r} is the server's default avatar (avatars.default_avatar)"
         )
     runner = _jobs(request)
-    active = await asyncio.to_thread(runner.store.active_for_avatar, avatar_id)
+    active = await asyncio.to_thread(runner.store.active_for_avatar, avatar_id, AVATAR_JOB)
     if active is not None:
         await runner.cancel(active.id)
     try:

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
-from avatalk.server.auth import Principal
+from avatalk.server.auth import OPEN, Principal
 from avatalk.streaming.session import ConversationSession
-
-OPEN = Principal("open", "open")
 
 logger = logging.getLogger(__name__)
 
@@ -49,15 +46,22 @@ class SessionRegistry:
         self._owners.pop(session_id, None)
 
     async def close_all(self, drain_s: float = 0.0) -> None:
-        """Shutdown: every session is told and may finish its reply (in parallel), then closed."""
+        """Shutdown: every session is told and may finish its reply (in parallel), then closed.
+
+        One session failing to drain or close is logged and does not keep the
+        others open; a cancellation of the caller still cancels the shutdown.
+        """
         sessions = list(self._sessions.values())
         self._sessions.clear()
         self._owners.clear()
 
         async def finish(session: ConversationSession) -> None:
-            with contextlib.suppress(Exception):
+            try:
                 await session.drain(drain_s)
-            with contextlib.suppress(Exception, asyncio.CancelledError):
+            finally:
                 await session.close()
 
-        await asyncio.gather(*(finish(session) for session in sessions))
+        results = await asyncio.gather(*(finish(session) for session in sessions), return_exceptions=True)
+        for session, result in zip(sessions, results, strict=True):
+            if isinstance(result, BaseException):
+                logger.error("session %s did not close cleanly", session.id, exc_info=result)

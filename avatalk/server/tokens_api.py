@@ -7,7 +7,8 @@ from datetime import datetime, timezone
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, Field
 
-from avatalk.server.auth import Authenticator, Principal
+from avatalk.server.auth import principal_of
+from avatalk.server.services import services
 
 router = APIRouter(tags=["auth"])
 
@@ -24,8 +25,8 @@ class TokenOut(BaseModel):
 @router.post("/v1/tokens", response_model=TokenOut, responses={403: {"description": "not an API key"}})
 async def mint_token(body: TokenRequest, request: Request) -> TokenOut:
     """A token that opens conversations (WebSocket, WebRTC) for a few minutes, and nothing else."""
-    principal: Principal = request.state.principal
-    authenticator: Authenticator = request.app.state.authenticator
+    principal = principal_of(request)
+    authenticator = services(request).authenticator
     if authenticator.open:
         raise HTTPException(400, "this server has no API keys configured, so it needs no tokens")
     if principal.kind != "key":

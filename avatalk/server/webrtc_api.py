@@ -7,20 +7,24 @@ the answer carries ours, so one request sets the call up.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import uuid
 from typing import Literal
 
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from fastapi import APIRouter, HTTPException, Request, Response
 from pydantic import BaseModel, Field
 
-from avatalk.config import IceServer, Settings
-from avatalk.server.sessions import OPEN, SessionRegistry
+from avatalk.config import IceServer
+from avatalk.server.admission import Refused, admit, release
+from avatalk.server.services import services
+from avatalk.server.webrtc import (
+    Call,
+    WebRTCOutput,
+    deliver_channel_message,
+    pump_microphone,
+    rtc_configuration,
+)
 from avatalk.streaming.protocol import PersonaOptions, ProtocolError, SessionOptions
-from avatalk.streaming.session import ConversationSession
-from avatalk.streaming.webrtc import WebRTCOutput, close_peer, handle_channel_message, pump_microphone, rtc_configuration
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["webrtc"])
@@ -54,54 +58,15 @@ class WebRTCConfigOut(BaseModel):
     avatars: list[AvatarChoice]
 
 
-class Call:
-    """One WebRTC call: its peer connection, session and background tasks."""
-
-    def __init__(self, session: ConversationSession, pc: RTCPeerConnection, output: WebRTCOutput) -> None:
-        self.session = session
-        self.pc = pc
-        self.output = output
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.closed = asyncio.Event()
-
-    def spawn(self, coro: object) -> None:
-        task = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def close(self) -> None:
-        if self.closed.is_set():
-            return
-        self.closed.set()
-        current = asyncio.current_task()
-        for task in list(self.tasks):
-            if task is not current:
-                task.cancel()
-        await self.session.close()
-        self.output.stop()
-        await close_peer(self.pc)
-
-
-def _calls(request: Request) -> dict[str, Call]:
-    return request.app.state.webrtc_calls  # type: ignore[no-any-return]
-
-
-async def close_all_calls(calls: dict[str, Call]) -> None:
-    for call in list(calls.values()):
-        with contextlib.suppress(Exception):
-            await call.close()
-    calls.clear()
-
-
 @router.get("/v1/webrtc/config", response_model=WebRTCConfigOut)
 async def webrtc_config(request: Request) -> WebRTCConfigOut:
     """What the call page needs before making an offer: ICE servers and the avatars to pick from."""
-    settings: Settings = request.app.state.settings
-    store = request.app.state.avatar_store
-    manifests = await asyncio.to_thread(store.list)
+    svc = services(request)
+    store = svc.avatar_store
+    manifests = [] if store is None else await asyncio.to_thread(store.list)
     return WebRTCConfigOut(
-        ice_servers=settings.webrtc.ice_servers,
-        default_avatar=settings.avatars.default_avatar,
+        ice_servers=svc.settings.webrtc.ice_servers,
+        default_avatar=svc.settings.avatars.default_avatar,
         avatars=[AvatarChoice(id=m.id, display_name=m.display_name) for m in manifests],
     )
 
@@ -113,33 +78,23 @@ async def webrtc_config(request: Request) -> WebRTCConfigOut:
 )
 async def webrtc_offer(body: OfferIn, request: Request) -> AnswerOut:
     """Answer a browser's offer (audio sendrecv + video recvonly + data channel ``events``)."""
-    settings: Settings = request.app.state.settings
-    registry: SessionRegistry = request.app.state.sessions
-    models = request.app.state.models
-    if models is None:
-        raise HTTPException(503, "the server is still loading its models", headers={"Retry-After": "10"})
+    svc = services(request)
+    settings = svc.settings
     if "m=audio" not in body.sdp or "m=video" not in body.sdp:
         raise HTTPException(400, "the offer must contain an audio (microphone) and a video (avatar) media section")
-
+    try:
+        session, output = admit(request, "webrtc", lambda _models: WebRTCOutput(settings.webrtc.output_sample_rate))
+    except Refused as refused:
+        raise HTTPException(503, refused.message, headers={"Retry-After": str(refused.retry_after_s)}) from refused
     pc = RTCPeerConnection(rtc_configuration(settings.webrtc.ice_servers))
-    output = WebRTCOutput(settings.webrtc.output_sample_rate)
-    metrics = request.app.state.metrics
-    session = ConversationSession(
-        uuid.uuid4().hex[:12], models, settings, metrics.observe(output), request.app.state.avatar_store
-    )
-    refusal = registry.try_add(session, getattr(request.state, "principal", OPEN))
-    if refusal is not None:
-        metrics.record_error("server_full")
-        await close_peer(pc)
-        raise HTTPException(503, refusal, headers={"Retry-After": "30"})
-    metrics.session_started("webrtc")
     call = Call(session, pc, output)
-    calls = _calls(request)
+    calls = svc.webrtc_calls
 
     async def hang_up(reason: str) -> None:
-        if calls.pop(session.id, None) is not None or not call.closed.is_set():
-            logger.info("webrtc call %s ended: %s", session.id, reason)
-        registry.remove(session.id)
+        if call.closed.is_set():
+            return
+        calls.pop(session.id, None)
+        release(svc, session, f"webrtc {reason}")
         await call.close()
 
     try:
@@ -155,12 +110,15 @@ async def webrtc_offer(body: OfferIn, request: Request) -> AnswerOut:
             )
         )
     except ProtocolError as error:
-        await hang_up("rejected")
+        await hang_up("offer rejected")
         raise HTTPException(404 if error.code == "unknown_avatar" else 422, error.message) from error
 
     @pc.on("datachannel")
     def on_datachannel(channel: object) -> None:
-        channel.on("message", lambda message: handle_channel_message(message, session.handle_event, session.output))  # type: ignore[attr-defined]
+        channel.on(  # type: ignore[attr-defined]
+            "message",
+            lambda message: call.spawn(deliver_channel_message(message, session.handle_event, session.output)),
+        )
         output.attach_channel(channel)
         if body.greeting:
             session.greet()
@@ -173,7 +131,7 @@ async def webrtc_offer(body: OfferIn, request: Request) -> AnswerOut:
     @pc.on("connectionstatechange")
     async def on_state() -> None:
         state = pc.connectionState
-        logger.info("webrtc call %s connection %s", session.id, state)
+        logger.info("session %s webrtc connection %s", session.id, state)
         if state in ("failed", "closed"):
             await hang_up(f"connection {state}")
 
@@ -195,16 +153,17 @@ async def webrtc_offer(body: OfferIn, request: Request) -> AnswerOut:
             await hang_up("not connected in time")
 
     call.spawn(connect_deadline())
-    logger.info("webrtc call %s answered (%d sessions)", session.id, registry.active)
+    logger.info("session %s webrtc call answered", session.id)
     return AnswerOut(sdp=pc.localDescription.sdp, type="answer", session_id=session.id)
 
 
 @router.delete("/v1/webrtc/{session_id}", status_code=204, responses={404: {"description": "no such call"}})
 async def webrtc_hang_up(session_id: str, request: Request) -> Response:
     """End a call."""
-    call = _calls(request).pop(session_id, None)
+    svc = services(request)
+    call = svc.webrtc_calls.pop(session_id, None)
     if call is None:
         raise HTTPException(404, f"there is no call {session_id!r}")
-    request.app.state.sessions.remove(session_id)
+    release(svc, call.session, "webrtc hung up by the client")
     await call.close()
     return Response(status_code=204)

@@ -5,17 +5,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
+from concurrent.futures import Executor
 
 import numpy as np
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from starlette.websockets import WebSocketState
 
 from avatalk.config import Settings
+from avatalk.executors import run_in
 from avatalk.media.audio import float_to_pcm16
 from avatalk.media.images import encode_jpeg
-from avatalk.server.sessions import OPEN, SessionRegistry
-from avatalk.streaming.protocol import BinaryKind, ProtocolError, encode_binary, encode_event, parse_client_event
+from avatalk.server.admission import Refused, admit, release
+from avatalk.server.services import services
+from avatalk.streaming.events import (
+    ErrorEvent,
+    ServerEvent,
+    SessionCreated,
+    encode_event,
+)
+from avatalk.streaming.protocol import (
+    BinaryKind,
+    ProtocolError,
+    encode_binary,
+    parse_client_event,
+)
 from avatalk.streaming.session import ConversationSession
 
 logger = logging.getLogger(__name__)
@@ -23,13 +36,20 @@ router = APIRouter()
 
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_POLICY = 1008
+_SEND_ERRORS = (WebSocketDisconnect, RuntimeError, OSError)  # what sending to a client that is gone raises
 
 
 class WebSocketOutput:
-    """Serialises sends from the session's tasks onto one socket; a gone client is not an error."""
+    """Serialises sends from the session's tasks onto one socket; a gone client is not an error.
 
-    def __init__(self, websocket: WebSocket, jpeg_quality: int = 80) -> None:
+    Frames are JPEG-encoded on ``encoder`` (the models' ``encode`` pool), not
+    on asyncio's default pool, so encoding under load queues behind other
+    encodes only, never behind model work or file I/O.
+    """
+
+    def __init__(self, websocket: WebSocket, encoder: Executor, jpeg_quality: int = 80) -> None:
         self.websocket = websocket
+        self.encoder = encoder
         self.jpeg_quality = jpeg_quality
         self._lock = asyncio.Lock()
         self.open = True
@@ -43,18 +63,18 @@ class WebSocketOutput:
                     await self.websocket.send_text(text)
                 else:
                     await self.websocket.send_bytes(data or b"")
-            except (WebSocketDisconnect, RuntimeError, OSError):
+            except _SEND_ERRORS:
                 self.open = False
 
-    async def send_event(self, kind: str, **fields: object) -> None:
-        await self._send(text=encode_event(kind, **fields))
+    async def send_event(self, event: ServerEvent) -> None:
+        await self._send(text=encode_event(event))
 
     async def send_tick(self, tick: int, audio: np.ndarray | None, frame: np.ndarray | None) -> None:
         """The frame first, then its audio: a client has the picture when the sound starts."""
         if not self.open:
             return
         if frame is not None:
-            jpeg = await asyncio.to_thread(encode_jpeg, frame, self.jpeg_quality)
+            jpeg = await run_in(self.encoder, encode_jpeg, frame, self.jpeg_quality)
             await self._send(data=encode_binary(BinaryKind.VIDEO, tick, jpeg))
         if audio is not None:
             await self._send(data=encode_binary(BinaryKind.AUDIO, tick, float_to_pcm16(audio)))
@@ -62,27 +82,17 @@ class WebSocketOutput:
 
 @router.websocket("/v1/ws")
 async def conversation(websocket: WebSocket) -> None:
-    settings: Settings = websocket.app.state.settings
-    registry: SessionRegistry = websocket.app.state.sessions
+    settings = services(websocket).settings
     await websocket.accept()
-    output = WebSocketOutput(websocket, settings.avatars.jpeg_quality)
-    models = websocket.app.state.models
-    metrics = websocket.app.state.metrics
-    if models is None:
-        metrics.record_error("not_ready")
-        await output.send_event("error", code="not_ready", message="the server is still loading its models")
-        await websocket.close(CLOSE_TRY_AGAIN_LATER)
+    try:
+        session, output = admit(
+            websocket,
+            "ws",
+            lambda models: WebSocketOutput(websocket, models.executors.encode, settings.avatars.jpeg_quality),
+        )
+    except Refused as refused:
+        await _refuse(websocket, refused)
         return
-    avatars = getattr(websocket.app.state, "avatar_store", None)
-    session = ConversationSession(uuid.uuid4().hex[:12], models, settings, metrics.observe(output), avatars)
-    refusal = registry.try_add(session, websocket.scope.get("state", {}).get("principal", OPEN))
-    if refusal is not None:
-        metrics.record_error("server_full")
-        await output.send_event("error", code="server_full", message=refusal)
-        await websocket.close(CLOSE_TRY_AGAIN_LATER, "server full")
-        return
-    metrics.session_started("ws")
-    logger.info("session %s opened (%d active)", session.id, registry.active)
 
     async def end() -> None:
         output.open = False
@@ -90,18 +100,22 @@ async def conversation(websocket: WebSocket) -> None:
             await websocket.close(CLOSE_POLICY, "session limit reached")
 
     session.on_end = end
-    await output.send_event("session.created", session=session.describe())
+    await output.send_event(SessionCreated(session=session.describe()))
     try:
         await _serve(websocket, session, output, settings)
     finally:
-        registry.remove(session.id)
+        release(services(websocket), session, "websocket closed")
         await session.close()
-        logger.info("session %s closed (%d active)", session.id, registry.active)
         if websocket.client_state is WebSocketState.CONNECTED:
-            try:
+            with contextlib.suppress(RuntimeError, OSError):
                 await websocket.close()
-            except (RuntimeError, OSError):
-                pass
+
+
+async def _refuse(websocket: WebSocket, refused: Refused) -> None:
+    """Tell the client why there is no session (an error event), then close with "try again later"."""
+    with contextlib.suppress(*_SEND_ERRORS):
+        await websocket.send_text(encode_event(ErrorEvent(code=refused.code, message=refused.message)))
+        await websocket.close(CLOSE_TRY_AGAIN_LATER, "server full" if refused.code == "server_full" else None)
 
 
 async def _serve(websocket: WebSocket, session: ConversationSession, output: WebSocketOutput, settings: Settings) -> None:
@@ -128,11 +142,11 @@ async def _serve(websocket: WebSocket, session: ConversationSession, output: Web
                     )
                 await session.handle_event(parse_client_event(text))
         except ProtocolError as error:
-            await session.output.send_event("error", code=error.code, message=error.message)
+            await session.output.send_event(ErrorEvent(code=error.code, message=error.message))
         except Exception:  # a bug must cost one message, not the session
-            logger.exception("session %s: a client message failed", session.id)
+            logger.exception("session %s could not handle a client message", session.id)
             await session.output.send_event(
-                "error", code="internal_error", message="the server could not handle that message"
+                ErrorEvent(code="internal_error", message="the server could not handle that message")
             )
         if not output.open:
             return

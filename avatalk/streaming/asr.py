@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from avatalk.config import ASRSettings
+from avatalk.executors import run_in
 from avatalk.media.timebase import ENGINE_SAMPLE_RATE as SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,12 @@ def ends_sentence(text: str) -> bool:
 
 
 class WhisperASR:
-    """A faster-whisper model shared by every session (CTranslate2 calls are thread-safe)."""
+    """A faster-whisper model shared by every session.
+
+    CTranslate2 calls are thread-safe; how many run at once is the size of the
+    ``asr`` executor they are submitted to (one by default: on a small CPU two
+    concurrent decodes are slower than two in a row).
+    """
 
     def __init__(self, model_path: Path, settings: ASRSettings) -> None:
         from faster_whisper import WhisperModel
@@ -51,36 +57,29 @@ class WhisperASR:
             cpu_threads=settings.cpu_threads,
             local_files_only=True,
         )
-        # Serialise calls: on a small CPU two concurrent decodes are slower than two in a row.
-        self._lock = threading.Lock()
         logger.info("loaded faster-whisper model from %s", model_path)
 
     def transcribe(self, audio: np.ndarray) -> str:
-        """Transcribe 16 kHz float32 audio. Blocking: call from a worker thread."""
+        """Transcribe 16 kHz float32 audio. Blocking: run it on the ``asr`` executor."""
         if len(audio) < SAMPLE_RATE // 10:
             return ""
         audio = audio.astype(np.float32, copy=False)
-        waited = time.perf_counter()
-        with self._lock:
-            started = time.perf_counter()
-            if self.settings.short_context and self.settings.language and len(audio) < MAX_SHORT_SAMPLES:
-                text = self._transcribe_short(audio)
-            else:
-                segments, _info = self.model.transcribe(
-                    audio,
-                    language=self.settings.language or None,
-                    beam_size=self.settings.beam_size,
-                    condition_on_previous_text=False,
-                    without_timestamps=True,
-                    vad_filter=False,
-                    temperature=0.0,
-                )
-                text = " ".join(segment.text.strip() for segment in segments)
+        started = time.perf_counter()
+        if self.settings.short_context and self.settings.language and len(audio) < MAX_SHORT_SAMPLES:
+            text = self._transcribe_short(audio)
+        else:
+            segments, _info = self.model.transcribe(
+                audio,
+                language=self.settings.language or None,
+                beam_size=self.settings.beam_size,
+                condition_on_previous_text=False,
+                without_timestamps=True,
+                vad_filter=False,
+                temperature=0.0,
+            )
+            text = " ".join(segment.text.strip() for segment in segments)
         logger.debug(
-            "transcribed %.2f s of audio in %.0f ms (waited %.0f ms)",
-            len(audio) / SAMPLE_RATE,
-            (time.perf_counter() - started) * 1000,
-            (started - waited) * 1000,
+            "transcribed %.2f s of audio in %.0f ms", len(audio) / SAMPLE_RATE, (time.perf_counter() - started) * 1000
         )
         return text.strip()
 
@@ -121,10 +120,11 @@ def cut_repetition(tokens: list[int], min_period: int = 3) -> list[int]:
 
 
 class TurnTranscriber:
-    """Per-session ASR scheduling for one user turn at a time."""
+    """Per-session ASR scheduling for one user turn at a time, on the shared ``asr`` executor."""
 
-    def __init__(self, asr: WhisperASR) -> None:
+    def __init__(self, asr: WhisperASR, executor: ThreadPoolExecutor) -> None:
         self.asr = asr
+        self._executor = executor
         self.interval_s = asr.settings.partial_interval_ms / 1000.0
         self._partial_task: asyncio.Task[str] | None = None
         self._early_task: asyncio.Task[str] | None = None
@@ -149,7 +149,7 @@ class TurnTranscriber:
 
     async def partial(self, audio: np.ndarray) -> str:
         self._last_partial_samples = len(audio)
-        self._partial_task = asyncio.create_task(asyncio.to_thread(self.asr.transcribe, audio))
+        self._partial_task = asyncio.create_task(self._transcribe(audio))
         text = await self._partial_task
         return text
 
@@ -158,7 +158,7 @@ class TurnTranscriber:
         if self._early_task is not None and not self._early_task.done():
             self._early_task.cancel()
         self._early_valid = True
-        self._early_task = asyncio.create_task(asyncio.to_thread(self.asr.transcribe, audio))
+        self._early_task = asyncio.create_task(self._transcribe(audio))
         return self._early_task
 
     def invalidate_early(self) -> None:
@@ -180,4 +180,7 @@ class TurnTranscriber:
         """The final transcript: the early pass when only silence followed it, else a new pass."""
         if early is not None:
             return await early
-        return await asyncio.to_thread(self.asr.transcribe, audio)
+        return await self._transcribe(audio)
+
+    async def _transcribe(self, audio: np.ndarray) -> str:
+        return await run_in(self._executor, self.asr.transcribe, audio)

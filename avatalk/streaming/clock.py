@@ -7,7 +7,8 @@ so everything a client receives is stamped by tick index and cannot drift.
 
 Reply audio is queued per sentence and cut into tick-sized slices when it is
 released; barge-in simply drops the queue, so the avatar goes silent at the
-next tick. Each segment may carry a 16 kHz copy of its audio for the lip-sync
+next tick. Each queued segment counts how much of it has been released, which
+is how the responder knows what the user has heard. Each segment may carry a 16 kHz copy of its audio for the lip-sync
 renderer; the tick then also carries exactly its 640 renderer samples.
 
 With a ``prepare`` hook (the session's renderer) the clock takes tick k off
@@ -22,14 +23,14 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
-
 from avatalk.media.timebase import SAMPLES_PER_TICK as RENDER_SAMPLES_PER_TICK
 from avatalk.media.timebase import TICK_S, samples_per_tick
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -39,18 +40,23 @@ class Tick:
     index: int
     audio: np.ndarray | None  # float32 slice at the clock's sample rate; None when idle
     turn_id: int | None = None
-    spans: list[tuple[int, int]] = field(default_factory=list)  # (segment id, samples of it in this tick)
     render_audio: np.ndarray | None = None  # the same 40 ms at 16 kHz, for the renderer
     frame: np.ndarray | None = None  # RGB frame, filled by the prepare hook
 
 
-@dataclass(slots=True)
-class _Segment:
-    segment_id: int
+@dataclass(slots=True, eq=False)
+class QueuedAudio:
+    """One segment of reply audio in the clock's queue; ``offset`` samples of it have been released."""
+
     turn_id: int
     samples: np.ndarray
     render_samples: np.ndarray | None = None
     offset: int = 0
+
+    @property
+    def released(self) -> int:
+        """Samples taken off the queue into ticks: they reach the client whatever happens next."""
+        return self.offset
 
 
 class MediaClock:
@@ -60,40 +66,43 @@ class MediaClock:
         self.sample_rate = sample_rate
         self.samples_per_tick = samples_per_tick(sample_rate)
         self.max_queued_samples = int(max_queued_s * sample_rate)
-        self._segments: deque[_Segment] = deque()
+        self._segments: deque[QueuedAudio] = deque()
         self._queued_samples = 0
         self._space_freed = asyncio.Event()
-        self._next_segment_id = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.index = 0
         self.lead_s = lead_s
         self.started_at: float | None = None
-
-    @property
-    def queued_seconds(self) -> float:
-        return self._queued_samples / self.sample_rate
 
     @property
     def busy(self) -> bool:
         """True while reply audio is waiting to be played."""
         return bool(self._segments)
 
-    async def enqueue(self, turn_id: int, samples: np.ndarray, render_samples: np.ndarray | None = None) -> int:
-        """Queue one segment of reply audio, waiting while the queue is full; returns its id.
+    async def wait_idle(self) -> None:
+        """Return once no reply audio is queued (everything queued has been released)."""
+        await self._idle.wait()
+
+    async def enqueue(
+        self, turn_id: int, samples: np.ndarray, render_samples: np.ndarray | None = None
+    ) -> QueuedAudio:
+        """Queue one segment of reply audio, waiting while the queue is full; returns it.
 
         ``render_samples`` is the same audio at 16 kHz, for the renderer.
         """
         while self._queued_samples and self._queued_samples + len(samples) > self.max_queued_samples:
             self._space_freed.clear()
             await self._space_freed.wait()
-        segment_id = self._next_segment_id
-        self._next_segment_id += 1
-        self._segments.append(_Segment(segment_id, turn_id, samples.astype(np.float32, copy=False), render_samples))
+        segment = QueuedAudio(turn_id, samples.astype(np.float32, copy=False), render_samples)
+        self._segments.append(segment)
         self._queued_samples += len(samples)
-        return segment_id
+        self._idle.clear()
+        return segment
 
     def clear(self, turn_id: int | None = None) -> int:
         """Drop queued audio (of one turn, or all); returns the number of samples dropped."""
-        kept: deque[_Segment] = deque()
+        kept: deque[QueuedAudio] = deque()
         dropped = 0
         for segment in self._segments:
             if turn_id is None or segment.turn_id == turn_id:
@@ -103,6 +112,8 @@ class MediaClock:
         self._segments = kept
         self._queued_samples -= dropped
         self._space_freed.set()
+        if not kept:
+            self._idle.set()
         return dropped
 
     def next_tick(self) -> Tick:
@@ -115,7 +126,6 @@ class MediaClock:
         render_out = np.zeros(RENDER_SAMPLES_PER_TICK, dtype=np.float32)
         filled = 0
         turn_id = self._segments[0].turn_id
-        spans: list[tuple[int, int]] = []
         # A tick holds audio of one turn; within it, sentences follow each other seamlessly.
         while filled < self.samples_per_tick and self._segments and self._segments[0].turn_id == turn_id:
             segment = self._segments[0]
@@ -131,12 +141,13 @@ class MediaClock:
                 render_out[at : at + len(piece)] = piece
             segment.offset += take
             filled += take
-            spans.append((segment.segment_id, take))
             if segment.offset >= len(segment.samples):
                 self._segments.popleft()
         self._queued_samples -= filled
         self._space_freed.set()
-        return Tick(index, out, turn_id, spans, render_out)
+        if not self._segments:
+            self._idle.set()
+        return Tick(index, out, turn_id, render_out)
 
     def peek_render_audio(self, max_ticks: int) -> np.ndarray:
         """The 16 kHz audio the next ``max_ticks`` ticks will carry (current turn only), not consumed.

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from avatalk.avatars.renderers import Renderer, create_renderer
 from avatalk.config import Settings
+from avatalk.executors import Executors, run_in
 from avatalk.llm import LLM, ChatMessage, LLMError, create_llm
 from avatalk.media.timebase import ENGINE_SAMPLE_RATE
 from avatalk.streaming.asr import WhisperASR
@@ -29,17 +29,21 @@ class EngineModels:
     llm: LLM
     tts: TTS
     renderer: Renderer | None = None
+    #: The named pools the models run their blocking work on.
+    executors: Executors = field(default_factory=Executors.create)
 
     @classmethod
     def load(cls, settings: Settings) -> EngineModels:
         """Load every model (blocking, seconds): run it in a worker thread."""
         started = time.perf_counter()
+        executors = Executors.create(settings.executors)
         models = cls(
             vad=SileroVAD(settings.vad_model_path()),
             asr=WhisperASR(settings.asr_model_path(), settings.asr),
-            llm=create_llm(settings),
-            tts=create_tts(settings),
+            llm=create_llm(settings, executors),
+            tts=create_tts(settings, executors),
             renderer=create_renderer(settings.avatars.renderer, settings.musetalk),
+            executors=executors,
         )
         logger.info("models loaded in %.1f s", time.perf_counter() - started)
         return models
@@ -59,7 +63,7 @@ class EngineModels:
             await stream.aclose()  # type: ignore[attr-defined]
             async for _audio in self.tts.synthesize("Hello."):
                 pass
-            await asyncio.to_thread(self.asr.transcribe, np.zeros(ENGINE_SAMPLE_RATE, dtype=np.float32))
+            await run_in(self.executors.asr, self.asr.transcribe, np.zeros(ENGINE_SAMPLE_RATE, dtype=np.float32))
         except (LLMError, TTSError) as error:
             logger.warning("warm-up skipped: %s", error)
         logger.info("models warmed up in %.1f s", time.perf_counter() - started)
@@ -67,3 +71,4 @@ class EngineModels:
     async def aclose(self) -> None:
         await self.llm.aclose()
         await self.tts.aclose()
+        self.executors.shutdown()

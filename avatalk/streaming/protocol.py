@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import struct
 from enum import IntEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -119,10 +119,6 @@ def check_sample_rate(rate: int | None, field_name: str) -> int:
             "unsupported_sample_rate", f"{field_name} {rate} is not supported; use one of {SUPPORTED_SAMPLE_RATES}"
         )
     return rate
-
-
-def encode_event(kind: str, **fields: Any) -> str:
-    return json.dumps({"type": kind, **fields}, separators=(",", ":"), ensure_ascii=False)
 
 
 def encode_binary(kind: BinaryKind, tick: int, payload: bytes) -> bytes:

@@ -1,7 +1,8 @@
 """Turn-taking: when the user starts, pauses and ends a turn.
 
 The detector is pure logic over 32 ms VAD windows, so it is cheap and
-deterministic to test. Durations are counted in audio time (windows), not wall
+deterministic to test. It owns all of its inputs: VAD windows through
+``push`` and what the recogniser heard through ``note_transcript``. Durations are counted in audio time (windows), not wall
 time; the caller passes the wall-clock time of each window so that latency
 marks refer to when the audio actually arrived.
 """
@@ -15,6 +16,7 @@ from enum import Enum
 import numpy as np
 
 from avatalk.config import TurnSettings, VADSettings
+from avatalk.streaming.asr import ends_sentence
 
 WINDOW_MS = 32.0
 
@@ -43,7 +45,6 @@ class TurnDetector:
         self.turns = turns
         self.vad = vad
         self._preroll: deque[np.ndarray] = deque(maxlen=max(1, round(vad.preroll_ms / WINDOW_MS)))
-        self.sentence_complete = False
         self._reset_utterance()
 
     def _reset_utterance(self) -> None:
@@ -53,7 +54,7 @@ class TurnDetector:
         self._silent_run = 0
         self._last_voiced_at = 0.0
         self._paused = False
-        self.sentence_complete = False
+        self._sentence_complete = False
 
     @property
     def speech_ms(self) -> float:
@@ -74,8 +75,13 @@ class TurnDetector:
             return np.zeros(0, dtype=np.float32)
         return np.concatenate(self._windows)
 
+    def note_transcript(self, text: str) -> None:
+        """What the recogniser heard of the current utterance: a finished sentence shortens the end silence."""
+        if self.in_speech and text:
+            self._sentence_complete = ends_sentence(text)
+
     def _end_silence_ms(self) -> float:
-        if self.sentence_complete:
+        if self._sentence_complete:
             return min(self.turns.sentence_end_silence_ms, self.turns.end_silence_ms)
         return self.turns.end_silence_ms
 
@@ -100,7 +106,7 @@ class TurnDetector:
         if voiced:
             if self._paused:
                 self._paused = False
-                self.sentence_complete = False
+                self._sentence_complete = False
                 events.append(TurnEvent(TurnEventKind.SPEECH_RESUMED, now, self.speech_ms))
             self._voiced_windows += 1
             self._silent_run = 0

@@ -1,8 +1,11 @@
 """espeak-ng as a TTS backend: robotic, but tiny, instant and many languages.
 
-The ``espeak-ng`` program writes a WAV to stdout; it is run as an asyncio
-subprocess so nothing blocks the event loop, its output is decoded as it
-arrives, and it is killed when the consumer goes away (barge-in).
+The ``espeak-ng`` program writes a WAV to stdout as it synthesises. It runs
+as an asyncio subprocess: the synthesis happens in that process, not in any
+thread of avatalk, and the event loop only reads the pipe, so no executor is
+involved. The WAV is decoded as it arrives (a chunk per read of the pipe, up
+to 8 KiB, about 0.19 s of audio), and the process is killed when the consumer
+goes away (barge-in).
 """
 
 from __future__ import annotations
@@ -11,10 +14,14 @@ import asyncio
 import logging
 import shutil
 from collections.abc import AsyncIterator
+from typing import Self
 
 import numpy as np
 
-from avatalk.tts.base import TTS, TTSError, WavStreamDecoder
+from avatalk.config import Settings
+from avatalk.executors import Executors
+from avatalk.tts.base import TTS, TTSError
+from avatalk.tts.wav import WavStreamDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -28,17 +35,25 @@ class EspeakTTS(TTS):
 
     name = "espeak"
 
-    def __init__(self, voice: str = "en") -> None:
-        """Find the binary; raises ``TTSError`` when espeak-ng is not installed."""
-        binary = shutil.which("espeak-ng")
+    def __init__(self, voice: str = "en", program: str = "espeak-ng") -> None:
+        """Find ``program`` (on PATH, or a path); raises ``TTSError`` when it is not there."""
+        binary = shutil.which(program)
         if binary is None:
             raise TTSError(
-                "espeak-ng is not installed (e.g. `apt-get install espeak-ng`); "
-                "install it or choose another TTS backend"
+                f"espeak-ng is not installed (no {program!r} found; e.g. `apt-get install espeak-ng`); "
+                "install it, set tts.espeak.program, or choose another TTS backend"
             )
         self._binary = binary
         self.voice = voice
         self._sample_rate = _ESPEAK_SAMPLE_RATE
+
+    @classmethod
+    def from_settings(cls, settings: Settings, executors: Executors) -> Self:
+        """The program of ``tts.espeak`` speaking ``persona.voice`` (else the persona's language).
+
+        ``executors`` is not used: synthesis runs in the espeak-ng process.
+        """
+        return cls(voice=settings.persona.voice or settings.persona.language, program=settings.tts.espeak.program)
 
     @property
     def sample_rate(self) -> int:

@@ -2,20 +2,27 @@
 
 Lets a deployment use a stronger voice served elsewhere (Kokoro-FastAPI,
 openedai-speech, OpenAI itself). WAV is requested because it needs no codec
-and its header carries the sample rate; the response is decoded as it
-streams, so audio starts before the server has finished the sentence.
+and its header carries the sample rate. The response is decoded as it
+streams, a chunk per block of the HTTP body that completes some samples, so
+a server that streams its audio is heard before it has finished the
+sentence. The request is plain async I/O: no executor is involved, and a
+consumer that goes away closes the connection.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from typing import Self
 
 import httpx
 import numpy as np
 
+from avatalk.config import Settings
+from avatalk.executors import Executors
 from avatalk.llm.openai_compatible import connect_failure_reason, shorten_error_text
-from avatalk.tts.base import TTS, TTSError, WavStreamDecoder
+from avatalk.tts.base import TTS, TTSError
+from avatalk.tts.wav import WavStreamDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +54,18 @@ class OpenAICompatibleTTS(TTS):
         self._sample_rate = _DEFAULT_SAMPLE_RATE
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._client = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout_s))
+
+    @classmethod
+    def from_settings(cls, settings: Settings, executors: Executors) -> Self:
+        """The server of ``tts.openai`` speaking ``persona.voice``; ``tts.timeout_s`` bounds each request."""
+        section = settings.tts.openai
+        return cls(
+            section.base_url,
+            model=section.model,
+            voice=settings.persona.voice or DEFAULT_VOICE,
+            api_key=section.api_key,
+            timeout_s=settings.tts.timeout_s,
+        )
 
     @property
     def sample_rate(self) -> int:

@@ -110,9 +110,19 @@ class AvatarDataCache(Generic[T]):
 class RendererSession(ABC):
     """One conversation's view of an avatar: idle frames, speaking frames and audio state.
 
-    Not thread-safe: every method blocks briefly and is called from one
-    worker thread at a time (the session's render stage).
+    ``render``, ``look_ahead`` and ``reset`` are not thread-safe: they block
+    and are called from one worker thread at a time (the session's video
+    stage, on the ``render`` executor). ``idle_frame`` is the exception: it
+    must be a cheap lookup that is safe to call at any time, because a frame
+    that is late is replaced by the idle frame on the event loop itself.
+
+    Renderers that need audio after a frame to draw it (MuseTalk's Whisper
+    window) set ``look_ahead_ticks`` above zero and implement ``look_ahead``;
+    the video stage then passes them the reply audio already queued.
     """
+
+    #: How many ticks of queued audio after the current one ``look_ahead`` can use (0: none).
+    look_ahead_ticks: int = 0
 
     @property
     @abstractmethod
@@ -123,8 +133,15 @@ class RendererSession(ABC):
     def idle_frame(self, tick: int) -> np.ndarray:
         """The avatar's own frame for ``tick`` (``cycle[tick % len(cycle)]``), mouth as in the source.
 
-        Does not touch the audio state: the clock calls it whenever no reply
-        audio is queued.
+        Does not touch the audio state, and is cheap (a lookup of prepared
+        frames): it is shown whenever no reply audio is queued or a frame is late.
+        """
+
+    def look_ahead(self, tick: int, audio: np.ndarray) -> None:
+        """Reply audio from ``tick`` on (this tick's and up to ``look_ahead_ticks`` more), before ``render``.
+
+        The default ignores it: renderers that draw each frame from its own
+        tick of audio need nothing more.
         """
 
     @abstractmethod

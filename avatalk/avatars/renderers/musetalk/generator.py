@@ -19,7 +19,7 @@ import torch
 from avatalk.avatars.renderers.musetalk.loader import MuseTalkModels
 from avatalk.config import CompileMode
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 #: Batch sizes a compiled generator is specialised for; other sizes are padded up to one of
 #: them, so torch.compile (and CUDA graph capture) happens a bounded number of times.
@@ -98,10 +98,10 @@ class FrameGenerator:
         except Exception:
             if not self.compiled:
                 raise
-            log.exception("torch.compile of the MuseTalk generator failed; running eagerly")
+            logger.exception("torch.compile of the MuseTalk generator failed; running eagerly")
             self.compiled, self._forward = False, self._run
         self.batches = self.frames = 0
-        log.info(
+        logger.info(
             "MuseTalk generator warmed up in %.1f s (%s)",
             time.perf_counter() - started,
             "compiled" if self.compiled else "eager",

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
-from avatalk.avatars.jobs import avatars_root
+from avatalk.avatars.prepare import avatars_root
 from avatalk.avatars.renderers.musetalk.loader import (
     VAE_DIR,
     load_vae,
@@ -46,7 +46,7 @@ from avatalk.avatars.store import (
 )
 from avatalk.config import Settings
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 RENDERER_KEY = "musetalk"
 LATENTS_FILE = "musetalk-latents.npy"
@@ -196,7 +196,7 @@ def ensure_latents(
         return AvatarManifest.from_file(avatar.path / MANIFEST_NAME)
     latents = compute_latents(avatar, vae, batch_size=batch_size)
     manifest = store_latents(avatar, latents, vae_id)
-    log.info("stored MuseTalk latents of avatar %s (%d frames)", manifest.id, manifest.frame_count)
+    logger.info("stored MuseTalk latents of avatar %s (%d frames)", manifest.id, manifest.frame_count)
     return manifest
 
 

@@ -33,7 +33,7 @@ from avatalk.avatars.renderers.base import RendererUnavailable
 from avatalk.avatars.renderers.musetalk.features import HOP_LENGTH, N_FFT, WhisperFeatureEncoder
 from avatalk.media.timebase import ENGINE_SAMPLE_RATE as SAMPLE_RATE
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 UNET_DIR = "musetalkV15"
 UNET_WEIGHTS = "unet.pth"
@@ -342,5 +342,5 @@ def load_musetalk(models_dir: Path, *, device: str = "auto", dtype: str = "auto"
         )
     unet = load_unet(models_dir / UNET_DIR, device=torch_device, dtype=torch_dtype)
     vae, vae_id = load_vae(models_dir / VAE_DIR, device=torch_device, dtype=torch_dtype)
-    log.info("MuseTalk loaded from %s on %s (%s)", models_dir, torch_device, str(torch_dtype).removeprefix("torch."))
+    logger.info("MuseTalk loaded from %s on %s (%s)", models_dir, torch_device, str(torch_dtype).removeprefix("torch."))
     return MuseTalkModels(unet=unet, vae=vae, audio=audio, device=torch_device, dtype=torch_dtype, vae_id=vae_id)

@@ -25,8 +25,7 @@ right context), which one tick of audio does not give. Two ways in:
   reduced context, like a clip end.
 
 A frame not back in time is replaced by the idle frame and counted late;
-``stats`` and the ``on_health`` callback tell the caller when a session
-degrades, so an overloaded GPU gives closed-mouth frames, never a stalled
+``stats`` (and a warning in the log) tell when a session degrades, so an overloaded GPU gives closed-mouth frames, never a stalled
 clock.
 """
 
@@ -37,10 +36,9 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -73,7 +71,7 @@ from avatalk.avatars.store import LoadedAvatar
 from avatalk.config import MuseTalkSettings, Settings
 from avatalk.media.timebase import TICK_S
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 #: Whisper frames of context are set in milliseconds; one Whisper frame is 20 ms.
 _MS_PER_WHISPER_FRAME = 20
@@ -142,7 +140,7 @@ def _prepare_avatar(avatar: LoadedAvatar, output_size: int, latents: torch.Tenso
             y1, y2 = max(0, y1), min(out_h, y2)
             if x2 - x1 < 2 or y2 - y1 < 2:
                 pastes[key] = None
-                log.warning("avatar %s frame %d: face box too small to paste into", avatar.manifest.id, index)
+                logger.warning("avatar %s frame %d: face box too small to paste into", avatar.manifest.id, index)
             else:
                 alpha = cv2.resize(mask, (x2 - x1, y2 - y1), interpolation=cv2.INTER_LINEAR)
                 alpha = (alpha.astype(np.float32) / 255.0)[..., None]
@@ -219,7 +217,7 @@ class MuseTalkRenderer(Renderer):
         if latents is None:
             started = time.perf_counter()
             latents = compute_latents(avatar, models.vae, batch_size=self.settings.latents_batch)
-            log.info(
+            logger.info(
                 "computed MuseTalk latents of avatar %s (%d frames) in %.1f s",
                 avatar.manifest.id,
                 len(latents),
@@ -228,7 +226,7 @@ class MuseTalkRenderer(Renderer):
             try:
                 store_latents(avatar, latents, models.vae_id)
             except (OSError, RuntimeError) as error:
-                log.warning("could not store the latents of avatar %s (%s); kept in memory", avatar.manifest.id, error)
+                logger.warning("could not store the latents of avatar %s (%s); kept in memory", avatar.manifest.id, error)
         tensor = torch.from_numpy(latents).to(models.device, models.dtype)
         with self._lock:
             tensor = self._latents.setdefault(key, tensor)
@@ -247,10 +245,8 @@ class _Pending:
 class MuseTalkSession(RendererSession):
     """One conversation rendered with MuseTalk: the speech segment's audio, frames in flight, health.
 
-    Called from one worker thread at a time (the session's render stage).
-    ``look_ahead_ticks`` is how much upcoming audio ``look_ahead`` can use;
-    ``on_health`` (optional) is called with a copy of ``stats`` whenever the
-    session becomes degraded or recovers.
+    Called from one worker thread at a time (the session's video stage).
+    ``look_ahead_ticks`` is how much upcoming audio ``look_ahead`` can use.
     """
 
     def __init__(
@@ -277,7 +273,6 @@ class MuseTalkSession(RendererSession):
         self.context_ticks = BLOCKS_AFTER + math.ceil(context / SAMPLES_PER_TICK)
         self.look_ahead_ticks = self._horizon + self.context_ticks
         self.stats = RenderStats()
-        self.on_health: Callable[[RenderStats], None] | None = None
         self._stream: AudioFeatureStream | None = None
         self._start = 0  # tick of the segment's first audio
         self._next = 0  # first segment frame not yet submitted or skipped
@@ -427,18 +422,12 @@ class MuseTalkSession(RendererSession):
         late = self._recent.count(False)
         if not self.stats.degraded and late >= _DEGRADED_AFTER:
             self.stats.degraded = True
-            log.warning(
+            logger.warning(
                 "musetalk session degraded: %d of the last %d frames were late (GPU overloaded?)",
                 late,
                 len(self._recent),
             )
         elif self.stats.degraded and late == 0 and len(self._recent) == _HEALTH_WINDOW:
             self.stats.degraded = False
-            log.info("musetalk session recovered: the last %d frames were on time", _HEALTH_WINDOW)
-        else:
-            return
-        if self.on_health is not None:
-            try:
-                self.on_health(replace(self.stats))
-            except Exception:  # a broken callback must not break rendering
-                log.exception("on_health callback failed")
+            logger.info("musetalk session recovered: the last %d frames were on time", _HEALTH_WINDOW)
+

@@ -29,7 +29,7 @@ import torch
 
 from avatalk.avatars.renderers.musetalk.generator import FrameGenerator
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 #: Weight of the newest batch in the running estimate of batch durations.
 _COST_SMOOTHING = 0.2
@@ -179,7 +179,7 @@ class RenderScheduler:
             features = features.to(generator.device, generator.dtype, non_blocking=True)
             faces = generator.generate(latents, features)
         except Exception as error:  # a failed batch must not kill the worker that every session shares
-            log.exception("MuseTalk batch of %d frames failed", len(batch))
+            logger.exception("MuseTalk batch of %d frames failed", len(batch))
             self.stats.failed += len(batch)
             for job in batch:
                 job.future.set_exception(error)

@@ -4,7 +4,8 @@ Both outgoing tracks are fed by the session's media clock, one 40 ms tick at a
 time, and stamp their frames from the tick index (audio at 48 kHz, video at
 90 kHz) from one start: they cannot drift apart however long the call is.
 Events travel over a data channel labelled ``events`` as the same JSON the
-WebSocket protocol uses.
+WebSocket protocol uses. A ``Call`` ties one peer connection to its session
+and the tasks started for it, so hanging up ends all of them.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from fractions import Fraction
-from typing import TYPE_CHECKING
 
 import aioice.ice
 import av
@@ -24,11 +24,12 @@ from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConn
 from aiortc.mediastreams import MediaStreamError
 
 from avatalk.config import IceServer
-
-if TYPE_CHECKING:
-    from avatalk.streaming.session import SessionOutput
+from avatalk.logs import task_context
 from avatalk.media.audio import float_to_pcm16
-from avatalk.streaming.protocol import ProtocolError, encode_event, parse_client_event
+from avatalk.media.timebase import FPS, samples_per_tick
+from avatalk.streaming.events import ErrorEvent, ServerEvent, encode_event
+from avatalk.streaming.protocol import ClientEvent, ProtocolError, parse_client_event
+from avatalk.streaming.session import ConversationSession, SessionOutput
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +100,10 @@ class WebRTCOutput:
 
     def __init__(self, sample_rate: int) -> None:
         self.sample_rate = sample_rate
-        self.samples_per_tick = sample_rate // 25
+        self.samples_per_tick = samples_per_tick(sample_rate)
+        # aiortc's senders encode these tracks (Opus, VP8) with ``run_in_executor(None, ...)``, on the
+        # event loop's default executor, and have no option for another pool: that work stays there,
+        # off avatalk's named executors (the default pool is otherwise left to short file I/O).
         self.audio = ClockAudioTrack()
         self.video = ClockVideoTrack()
         self.channel: object | None = None
@@ -118,8 +122,8 @@ class WebRTCOutput:
         else:
             self._backlog.append(text)
 
-    async def send_event(self, kind: str, **fields: object) -> None:
-        self._send_text(encode_event(kind, **fields))
+    async def send_event(self, event: ServerEvent) -> None:
+        self._send_text(encode_event(event))
 
     async def send_tick(self, tick: int, audio: np.ndarray | None, frame: np.ndarray | None) -> None:
         """Silence is sent too: RTP audio runs continuously, stamped by tick."""
@@ -131,7 +135,7 @@ class WebRTCOutput:
         self.audio.put(audio_frame)
         if frame is not None:
             video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-            video_frame.pts = tick * (VIDEO_CLOCK_RATE // 25)
+            video_frame.pts = tick * (VIDEO_CLOCK_RATE // FPS)
             video_frame.time_base = Fraction(1, VIDEO_CLOCK_RATE)
             self.video.put(video_frame)
 
@@ -152,24 +156,16 @@ async def pump_microphone(track: MediaStreamTrack, push: Callable[[bytes], Await
             await push(converted.to_ndarray().tobytes())
 
 
-def handle_channel_message(message: object, handle: Callable[[object], object], output: SessionOutput) -> None:
+async def deliver_channel_message(
+    message: object, handle: Callable[[ClientEvent], Awaitable[None]], output: SessionOutput
+) -> None:
     """Decode one data-channel message and hand it to the session; errors go back as events."""
-
-    async def run() -> None:
-        try:
-            if not isinstance(message, str):
-                raise ProtocolError("invalid_event", "data channel messages must be JSON text")
-            await handle(parse_client_event(message))  # type: ignore[misc]
-        except ProtocolError as error:
-            await output.send_event("error", code=error.code, message=error.message)
-
-    task = asyncio.get_running_loop().create_task(run())
-    task.add_done_callback(_log_failure)
-
-
-def _log_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        logger.error("data channel message handling failed", exc_info=task.exception())
+    try:
+        if not isinstance(message, str):
+            raise ProtocolError("invalid_event", "data channel messages must be JSON text")
+        await handle(parse_client_event(message))
+    except ProtocolError as error:
+        await output.send_event(ErrorEvent(code=error.code, message=error.message))
 
 
 async def close_peer(pc: RTCPeerConnection) -> None:
@@ -177,3 +173,55 @@ async def close_peer(pc: RTCPeerConnection) -> None:
     with contextlib.suppress(Exception):
         await pc.close()
 
+
+class Call:
+    """One WebRTC call: its peer connection, its session and the tasks started for it."""
+
+    def __init__(self, session: ConversationSession, pc: RTCPeerConnection, output: WebRTCOutput) -> None:
+        self.session = session
+        self.pc = pc
+        self.output = output
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.closed = asyncio.Event()
+
+    def spawn(self, coro: Coroutine[object, object, None]) -> None:
+        """Run ``coro`` for this call; it is cancelled on hang-up, and a failure is logged.
+
+        aiortc calls back in its own context, so the task is labelled with the
+        session explicitly for the logs.
+        """
+        if self.closed.is_set():  # e.g. a data-channel message arriving while the call hangs up
+            coro.close()
+            return
+        task = asyncio.get_running_loop().create_task(coro, context=task_context(self.session.id))
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("session %s webrtc call task failed", self.session.id, exc_info=task.exception())
+
+    async def close(self) -> None:
+        """Stop the call's tasks (waiting until they have stopped), then the session, tracks and peer."""
+        if self.closed.is_set():
+            return
+        self.closed.set()
+        others = {task for task in self.tasks if task is not asyncio.current_task()}
+        for task in others:
+            task.cancel()
+        if others:
+            await asyncio.wait(others)  # never raises for the tasks; a cancellation of this task propagates
+        await self.session.close()
+        self.output.stop()
+        await close_peer(self.pc)
+
+
+async def close_all_calls(calls: dict[str, Call]) -> None:
+    """Shutdown: hang up every call; one that fails to close does not keep the others open."""
+    for call in list(calls.values()):
+        try:
+            await call.close()
+        except Exception:
+            logger.exception("session %s webrtc call did not close cleanly", call.session.id)
+    calls.clear()

@@ -1,0 +1,109 @@
+"""Where jobs persist: the interface every job store implements.
+
+Preparing an avatar or rendering a video takes far longer than an HTTP
+request should stay open, so the REST API queues a job and answers at once,
+and clients poll it. DESIGN.md section 4 asks that a crash loses no job,
+hence jobs live in a database rather than in memory: ``SQLiteJobStore`` for
+one node; a PostgreSQL store for several nodes implements this same class.
+
+What happens to unfinished jobs when a store is opened by a new process:
+
+- ``running``: the previous process died during the job (crash, kill -9,
+  power loss). The job is marked ``failed`` (``RESTART_MESSAGE``) rather
+  than run again, because the job itself may have killed the process (a
+  huge video exhausting memory, a decoder crash); re-running it
+  automatically could take the server down at every start.
+- ``queued``: it never started, so nothing about it is suspect. It stays
+  queued when its ``input`` is still on disk (``JobRunner.start`` queues it
+  again in creation order); without its input it is marked ``failed``
+  (``MISSING_INPUT_MESSAGE``).
+
+A clean shutdown (``JobRunner.stop``) puts running jobs back to ``queued``:
+they were interrupted on purpose, so they run again after the restart.
+
+Every method is a short blocking call; async code runs them with
+``asyncio.to_thread`` (the runner calls them from its worker threads), so
+implementations must be safe to call from several threads.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from avatalk.jobs.model import ACTIVE_STATES, Job, JobState
+
+
+class JobStore(ABC):
+    """The jobs of this server: read, create and move through their states atomically."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the database; the store is not used afterwards."""
+
+    # --- reading -------------------------------------------------------------
+
+    @abstractmethod
+    def get(self, job_id: str) -> Job:
+        """One job; ``JobNotFound`` if there is none."""
+
+    @abstractmethod
+    def list(
+        self,
+        *,
+        limit: int | None = 50,
+        kind: str | None = None,
+        avatar_id: str | None = None,
+        states: Iterable[JobState] | None = None,
+        oldest_first: bool = False,
+    ) -> list[Job]:
+        """Jobs, newest first (or oldest first), optionally filtered; ``limit=None`` for all."""
+
+    def active_for_avatar(self, avatar_id: str, kind: str) -> Job | None:
+        """The queued or running job of ``kind`` for an avatar, if any."""
+        jobs = self.list(limit=1, kind=kind, avatar_id=avatar_id, states=ACTIVE_STATES)
+        return jobs[0] if jobs else None
+
+    # --- writing -------------------------------------------------------------
+
+    @abstractmethod
+    def create(
+        self,
+        kind: str,
+        *,
+        avatar_id: str | None = None,
+        params: Mapping[str, Any] | None = None,
+        exclusive: bool = False,
+    ) -> Job:
+        """Insert a queued job. With ``exclusive``, raise ``JobConflict`` instead if a job of
+        the same kind for the same avatar is queued or running (checked atomically with the
+        insert, so two requests cannot both get through)."""
+
+    @abstractmethod
+    def start(self, job_id: str) -> Job | None:
+        """Move a queued job to running; ``None`` if it is not queued (cancelled meanwhile)."""
+
+    @abstractmethod
+    def set_progress(self, job_id: str, stage: str, progress: float) -> None:
+        """Record the progress (clamped to 0..1) of a running job; ignored once it has ended."""
+
+    @abstractmethod
+    def finish(
+        self,
+        job_id: str,
+        state: JobState,
+        message: str,
+        *,
+        result: Mapping[str, Any] | None = None,
+        from_states: Iterable[JobState] = ACTIVE_STATES,
+    ) -> Job | None:
+        """End a job in the final ``state`` if it is in one of ``from_states``; ``None`` if it was not.
+
+        A succeeded job's progress is set to 1 and its stage to "done";
+        ``ValueError`` if ``state`` is not a final state.
+        """
+
+    @abstractmethod
+    def requeue(self, job_id: str, message: str) -> Job | None:
+        """Put a running job back in the queue from the start; ``None`` if it was not running."""

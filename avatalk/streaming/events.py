@@ -1,0 +1,168 @@
+"""Every server -> client event of docs/protocol.md as a typed model.
+
+Stages build these objects; a transport turns one into JSON exactly once
+(``encode_event``) and metrics look at the objects themselves, so nothing ever
+parses an event string back. The wire format is the protocol's: a JSON object
+whose ``type`` comes first, with optional fields left out when they are unset.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+State = Literal["listening", "thinking", "speaking"]
+InterruptReason = Literal["barge_in", "client_cancel", "new_input"]
+TurnStatus = Literal["completed", "interrupted", "failed", "empty"]
+
+#: The latency marks of a turn, in the order they happen (milliseconds after end of user speech or text receipt).
+LATENCY_MARKS = ("asr_final", "llm_first_token", "first_sentence", "tts_first_audio", "first_audio", "first_frame")
+
+
+class ServerEvent(BaseModel):
+    """Base of every server -> client event."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SessionDescription(BaseModel):
+    """What ``session.created`` / ``session.updated`` say about the session."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    input_sample_rate: int | None
+    output_sample_rate: int | None
+    video: bool
+    avatar: str | None
+    video_size: list[int] | None  # [width, height]
+    persona: dict[str, Any]
+    turn_detection: dict[str, Any]
+
+
+class SessionCreated(ServerEvent):
+    type: Literal["session.created"] = "session.created"
+    session: SessionDescription
+
+
+class SessionUpdated(ServerEvent):
+    type: Literal["session.updated"] = "session.updated"
+    session: SessionDescription
+
+
+class StateChanged(ServerEvent):
+    type: Literal["state"] = "state"
+    state: State
+
+
+class SpeechStarted(ServerEvent):
+    type: Literal["input_audio_buffer.speech_started"] = "input_audio_buffer.speech_started"
+    turn_id: int
+
+
+class SpeechStopped(ServerEvent):
+    type: Literal["input_audio_buffer.speech_stopped"] = "input_audio_buffer.speech_stopped"
+    turn_id: int
+
+
+class SpeechIgnored(ServerEvent):
+    type: Literal["input_audio_buffer.speech_ignored"] = "input_audio_buffer.speech_ignored"
+    speech_ms: float
+
+
+class TranscriptionPartial(ServerEvent):
+    type: Literal["input_audio_transcription.partial"] = "input_audio_transcription.partial"
+    turn_id: int
+    transcript: str
+
+
+class TranscriptionCompleted(ServerEvent):
+    type: Literal["input_audio_transcription.completed"] = "input_audio_transcription.completed"
+    turn_id: int
+    transcript: str
+
+
+class ResponseCreated(ServerEvent):
+    type: Literal["response.created"] = "response.created"
+    turn_id: int
+
+
+class ResponseTextDelta(ServerEvent):
+    type: Literal["response.text.delta"] = "response.text.delta"
+    turn_id: int
+    delta: str
+
+
+class ResponseTextDone(ServerEvent):
+    type: Literal["response.text.done"] = "response.text.done"
+    turn_id: int
+    text: str
+
+
+class Latency(ServerEvent):
+    type: Literal["latency"] = "latency"
+    turn_id: int
+    marks_ms: dict[str, float]
+
+
+class ResponseInterrupted(ServerEvent):
+    type: Literal["response.interrupted"] = "response.interrupted"
+    turn_id: int
+    reason: InterruptReason
+    spoken_text: str
+
+
+class ResponseDone(ServerEvent):
+    type: Literal["response.done"] = "response.done"
+    turn_id: int
+    status: TurnStatus
+    text: str
+    latency_ms: dict[str, float] | None = None
+
+
+class ErrorEvent(ServerEvent):
+    type: Literal["error"] = "error"
+    code: str
+    message: str
+    turn_id: int | None = None
+    fatal: bool | None = None
+
+
+class WarningEvent(ServerEvent):
+    type: Literal["warning"] = "warning"
+    code: str
+    message: str
+    late_frames: int | None = None
+
+
+AnyServerEvent = Annotated[
+    SessionCreated
+    | SessionUpdated
+    | StateChanged
+    | SpeechStarted
+    | SpeechStopped
+    | SpeechIgnored
+    | TranscriptionPartial
+    | TranscriptionCompleted
+    | ResponseCreated
+    | ResponseTextDelta
+    | ResponseTextDone
+    | Latency
+    | ResponseInterrupted
+    | ResponseDone
+    | ErrorEvent
+    | WarningEvent,
+    Field(discriminator="type"),
+]
+
+
+#: Decodes a server event from its JSON (clients and tests).
+server_event_adapter: TypeAdapter[ServerEvent] = TypeAdapter(AnyServerEvent)
+
+
+def encode_event(event: ServerEvent) -> str:
+    """The event as one compact JSON text frame; unset optional fields are left out."""
+    fields = {name: value for name, value in event.model_dump(mode="json").items() if value is not None}
+    return json.dumps(fields, separators=(",", ":"), ensure_ascii=False)

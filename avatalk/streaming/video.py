@@ -1,0 +1,98 @@
+"""The video stage: one frame per tick from the session's renderer, never late.
+
+The clock takes tick k off its queue one tick early and hands it here
+(``prepare``); the frame is drawn on the ``render`` executor and put on the
+tick. A renderer that falls behind never stalls the clock: when the frame is
+not ready within ``RENDER_BUDGET_S``, the avatar's idle frame (a lookup, on
+the event loop, touching no pool) goes out instead, audio continues, the late
+frame is counted, and no new render starts until the slow one has finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import Executor
+
+import numpy as np
+
+from avatalk.avatars.renderers.base import RendererSession
+from avatalk.executors import run_in
+from avatalk.streaming.clock import MediaClock, Tick
+from avatalk.streaming.events import WarningEvent
+from avatalk.streaming.stage import Emit
+
+logger = logging.getLogger(__name__)
+
+RENDER_BUDGET_S = 0.060  # a frame later than this (clock lead 40 ms + slack) is replaced by an idle frame
+LATE_WARNING_EVERY_S = 5.0
+
+
+class VideoStage:
+    """A renderer session driven tick by tick, with look-ahead and idle fallback."""
+
+    def __init__(self, renderer: RendererSession, clock: MediaClock, executor: Executor, emit: Emit) -> None:
+        self.renderer = renderer
+        self._clock = clock
+        self._executor = executor
+        self._emit = emit
+        self._job: asyncio.Future[np.ndarray] | None = None
+        self._reset_pending = False
+        self.late_frames = 0
+        self._late_warned_at = float("-inf")
+
+    def reset(self) -> None:
+        """Barge-in: the mouth closes and the renderer forgets its audio before the next speaking frame."""
+        self._reset_pending = True
+
+    async def prepare(self, tick: Tick) -> None:
+        """The clock's prepare hook: put this tick's frame on it."""
+        if self._job is not None and not self._job.done():
+            await self._late(tick)
+            return
+        speaking = tick.audio is not None and tick.render_audio is not None
+        if not speaking and not self._reset_pending:
+            tick.frame = self.renderer.idle_frame(tick.index)
+            return
+        upcoming = None
+        if speaking and self.renderer.look_ahead_ticks:
+            upcoming = self._clock.peek_render_audio(self.renderer.look_ahead_ticks)
+        reset, self._reset_pending = self._reset_pending, False
+        self._job = asyncio.ensure_future(run_in(self._executor, self._draw, tick, speaking, reset, upcoming))
+        done, _ = await asyncio.wait({self._job}, timeout=RENDER_BUDGET_S)
+        if done:
+            tick.frame = self._job.result()
+        else:
+            await self._late(tick)
+
+    def _draw(self, tick: Tick, speaking: bool, reset: bool, upcoming: np.ndarray | None) -> np.ndarray:
+        """Blocking: runs on the render executor, one call at a time per session."""
+        renderer = self.renderer
+        if reset:
+            renderer.reset()
+        if not speaking or tick.render_audio is None:
+            return renderer.idle_frame(tick.index)
+        if upcoming is not None:
+            renderer.look_ahead(tick.index, np.concatenate([tick.render_audio, upcoming]))
+        return renderer.render(tick.index, tick.render_audio)
+
+    async def _late(self, tick: Tick) -> None:
+        tick.frame = self.renderer.idle_frame(tick.index)
+        self.late_frames += 1
+        now = time.monotonic()
+        if now - self._late_warned_at >= LATE_WARNING_EVERY_S:
+            self._late_warned_at = now
+            logger.warning("renderer behind at tick %d (%d late frames)", tick.index, self.late_frames)
+            await self._emit(
+                WarningEvent(
+                    code="renderer_behind",
+                    message="the renderer is behind; showing idle frames",
+                    late_frames=self.late_frames,
+                )
+            )
+
+    async def close(self) -> None:
+        """Wait for a render in flight (it cannot be stopped mid-frame), so the renderer is not freed under it."""
+        if self._job is not None and not self._job.done():
+            await asyncio.wait({self._job})

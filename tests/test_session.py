@@ -1,0 +1,109 @@
+"""A whole conversation session wired from fake models: turns, barge-in and fairness under load, no server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+from stage_fakes import Collector, FakeAvatarStore, FakeLLM, FakeModels, FakeRenderer, FakeTTS, pcm16, silence, tone
+
+from avatalk.config import Settings
+from avatalk.executors import Executors
+from avatalk.streaming.events import (
+    Latency,
+    ResponseDone,
+    ResponseInterrupted,
+    SessionUpdated,
+    SpeechStarted,
+    SpeechStopped,
+    TranscriptionCompleted,
+)
+from avatalk.streaming.protocol import SessionOptions
+from avatalk.streaming.session import ConversationSession
+
+
+def make_session(models: FakeModels, collector: Collector, settings: Settings | None = None) -> ConversationSession:
+    return ConversationSession("test", models, settings or Settings(), collector, FakeAvatarStore())  # type: ignore[arg-type]
+
+
+async def talk(session: ConversationSession, audio: np.ndarray) -> None:
+    """Stream audio at real-time pace in 20 ms frames, as a microphone would."""
+    step = 320
+    started = time.monotonic()
+    for index, start in enumerate(range(0, len(audio), step)):
+        await session.push_audio(pcm16(audio[start : start + step]))
+        await asyncio.sleep(max(0.0, started + (index + 1) * 0.02 - time.monotonic()))
+
+
+async def test_a_spoken_question_is_answered_with_marks_from_the_end_of_speech() -> None:
+    collector = Collector()
+    session = make_session(FakeModels(llm=FakeLLM("Four.")), collector)
+    try:
+        await session.configure(SessionOptions(input_sample_rate=16000, greeting=False))
+        assert isinstance(collector.events[0], SessionUpdated)
+        await talk(session, np.concatenate([tone(1.0), silence(0.8)]))
+        done = await collector.wait_for(ResponseDone)
+    finally:
+        await session.close()
+    started = collector.of_type(SpeechStarted)[0]
+    stopped = collector.of_type(SpeechStopped)[0]
+    completed = collector.of_type(TranscriptionCompleted)[0]
+    assert started.turn_id == stopped.turn_id == completed.turn_id == done.turn_id == 1
+    assert done.status == "completed" and done.text == "Four."
+    marks = collector.of_type(Latency)[0].marks_ms
+    assert 0 <= marks["asr_final"] <= marks["llm_first_token"] <= marks["first_audio"]
+
+
+async def test_barge_in_silences_the_reply_from_the_next_tick_and_keeps_what_was_heard() -> None:
+    collector = Collector()
+    reply = "One two three four five six seven eight nine ten eleven twelve."
+    session = make_session(FakeModels(llm=FakeLLM(reply), tts=FakeTTS(seconds_per_word=0.3)), collector)
+    try:
+        await session.configure(SessionOptions(input_sample_rate=16000, greeting=False))
+        await session.send_text("Count to twelve.")
+        while not any(audio is not None for _, audio, _ in collector.ticks):
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(1.0)
+        await talk(session, tone(0.4))  # the user speaks over the reply
+        interrupted = await collector.wait_for(ResponseInterrupted)
+        ticks_at_interrupt = len(collector.ticks)
+        await asyncio.sleep(0.3)
+    finally:
+        await session.close()
+    assert interrupted.reason == "barge_in"
+    heard = interrupted.spoken_text.split()
+    assert 2 <= len(heard) < 12 and heard == reply.split()[: len(heard)]
+    after = collector.ticks[ticks_at_interrupt + 1 :]  # at most one tick was already on its way
+    assert after and all(audio is None for _, audio, _ in after)
+
+
+async def test_eight_sessions_waiting_for_a_busy_model_keep_their_clocks_at_25_ticks_per_second() -> None:
+    """The shared LLM is held for seconds and the render pool is oversubscribed: only video may suffer."""
+    settings = Settings()
+    executors = Executors.create(settings.executors)
+    models = FakeModels(
+        llm=FakeLLM("Fine.", hold_s=1.5, executor=executors.llm),
+        renderer=FakeRenderer(render_s=0.03),  # 8 sessions x 25 fps x 30 ms = 6 cores' worth on 2 threads
+        executors=executors,
+    )
+    outputs = [Collector() for _ in range(8)]
+    sessions = [make_session(models, output, settings) for output in outputs]
+    try:
+        for session in sessions:
+            await session.configure(SessionOptions(input_sample_rate=16000, video=True, greeting=False))
+        for session in sessions:
+            await session.send_text("How are you?")
+        await asyncio.sleep(0.5)
+        window_start = time.monotonic()
+        await asyncio.sleep(3.0)
+        window_end = time.monotonic()
+    finally:
+        for session in sessions:
+            await session.close()
+    seconds = window_end - window_start
+    for output in outputs:
+        in_window = [t for t in output.tick_times if window_start <= t < window_end]
+        # 25 ticks a second; a loose floor, since this machine is shared (not a timing benchmark).
+        assert len(in_window) >= 0.8 * 25 * seconds, f"{len(in_window)} ticks in {seconds:.1f} s"
+        assert all(frame is not None for _, _, frame in output.ticks)  # every tick has a frame, late or not

@@ -1,0 +1,77 @@
+"""The video stage alone: a fake renderer, a real clock, frames checked tick by tick."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+from stage_fakes import Collector, FakeRendererSession
+
+from avatalk.executors import Executors
+from avatalk.streaming.clock import MediaClock
+from avatalk.streaming.events import WarningEvent
+from avatalk.streaming.video import VideoStage
+
+
+async def speaking_tick(clock: MediaClock):
+    if not clock.busy:
+        await clock.enqueue(1, np.full(16000, 0.2, np.float32), np.full(16000, 0.2, np.float32))
+    return clock.next_tick()
+
+
+async def test_speaking_ticks_get_rendered_frames_and_silent_ones_idle_frames() -> None:
+    clock, renderer, collector = MediaClock(16000), FakeRendererSession(), Collector()
+    video = VideoStage(renderer, clock, Executors.create().render, collector.send_event)
+    silent = clock.next_tick()
+    await video.prepare(silent)
+    assert silent.frame is renderer.idle
+    tick = await speaking_tick(clock)
+    await video.prepare(tick)
+    assert tick.frame is renderer.speaking and renderer.renders == 1 and video.late_frames == 0
+
+
+async def test_a_slow_renderer_falls_back_to_idle_frames_and_warns_once() -> None:
+    clock, renderer, collector = MediaClock(16000), FakeRendererSession(render_s=0.3), Collector()
+    video = VideoStage(renderer, clock, Executors.create().render, collector.send_event)
+    frames = []
+    for _ in range(4):
+        tick = await speaking_tick(clock)
+        await video.prepare(tick)
+        frames.append(tick.frame)
+    # The first render overran its budget; the next ticks do not start another one while it runs.
+    assert all(frame is renderer.idle for frame in frames)
+    assert video.late_frames == 4
+    warnings = collector.of_type(WarningEvent)
+    assert len(warnings) == 1 and warnings[0].code == "renderer_behind" and warnings[0].late_frames == 1
+    await video.close()
+    assert renderer.renders == 1  # one render ran; the renderer was never called from two threads
+
+
+async def test_reset_reaches_the_renderer_before_its_next_frame() -> None:
+    clock, renderer, collector = MediaClock(16000), FakeRendererSession(), Collector()
+    video = VideoStage(renderer, clock, Executors.create().render, collector.send_event)
+    video.reset()
+    tick = clock.next_tick()  # silent: the reset still happens, on the render executor
+    await video.prepare(tick)
+    assert renderer.resets == 1 and tick.frame is renderer.idle
+    await video.prepare(await speaking_tick(clock))
+    assert renderer.resets == 1
+
+
+async def test_look_ahead_gets_the_queued_audio_after_the_tick() -> None:
+    class LookingRenderer(FakeRendererSession):
+        look_ahead_ticks = 5
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[int] = []
+
+        def look_ahead(self, tick: int, audio: np.ndarray) -> None:
+            self.seen.append(len(audio))
+
+    clock, renderer = MediaClock(16000), LookingRenderer()
+    video = VideoStage(renderer, clock, Executors.create().render, Collector().send_event)
+    await clock.enqueue(1, np.full(3200, 0.2, np.float32), np.full(3200, 0.2, np.float32))  # 5 ticks
+    await video.prepare(clock.next_tick())
+    await asyncio.sleep(0)
+    assert renderer.seen == [640 + 4 * 640]  # this tick and the 4 still queued
