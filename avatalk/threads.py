@@ -201,10 +201,16 @@ class ModelTurns:
 
     async def stream(self, produce: Produce[T], *, maxsize: int = 16) -> AsyncIterator[T]:
         """Wait for the model, then yield what ``produce`` emits; see ``emit_in_thread``."""
-        await self._lock.acquire()
+        import threading as _t
+        if not hasattr(self, "_tlock"):
+            self._tlock = _t.Lock()
+        inner = produce
+        def produce(emit, stop, inner=inner):
+            with self._tlock:
+                inner(emit, stop)
         # No await between taking the turn and starting the producer: from here on
         # the turn is released by the producer's end (``on_finished``).
-        items = emit_in_thread(self._executor, produce, maxsize=maxsize, on_finished=self._lock.release)
+        items = emit_in_thread(self._executor, produce, maxsize=maxsize, on_finished=None)
         async with aclosing(items):
             async for item in items:
                 yield item

@@ -35,7 +35,7 @@ from avatalk.avatars.landmarks import FaceLandmarker, FaceResult
 from avatalk.avatars.prepare import write_avatar
 from avatalk.avatars.store import AvatarManifest, AvatarNotFound, AvatarStore, SourceInfo
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 #: Bumped whenever the drawing changes, so existing installs regenerate it.
 GENERATOR_VERSION = 1
@@ -677,9 +677,9 @@ def ensure_default_avatar(
         origin = manifest.source.model_extra or {}
         if origin.get("generator") != _GENERATOR or origin.get("generator_version") == GENERATOR_VERSION:
             return manifest
-        log.info("regenerating the default avatar %s (drawing updated)", avatar_id)
+        logger.info("regenerating the default avatar %s (drawing updated)", avatar_id)
     except AvatarNotFound:
-        log.info("generating the default avatar %s", avatar_id)
+        logger.info("generating the default avatar %s", avatar_id)
     frames, points = render_default_avatar(size, seconds, fps)
     source = SourceInfo.model_validate(
         {

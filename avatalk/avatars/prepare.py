@@ -48,7 +48,7 @@ from avatalk.avatars.store import (
 )
 from avatalk.config import Settings
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 #: ``progress(stage, fraction)``: stage is "analysing", "writing" (only when
 #: frames are cropped to a square), "finishing" or "done"; fraction is 0..1
@@ -683,7 +683,7 @@ def prepare_avatar(
             cancel=cancel,
         )
     report("done", 1.0)
-    log.info(
+    logger.info(
         "prepared avatar %s: %d frames of %dx%d, %d without a face",
         avatar_id,
         manifest.frame_count,

@@ -28,7 +28,7 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION: Final = 1
@@ -240,7 +240,7 @@ class AvatarStore:
             try:
                 manifests.append(AvatarManifest.from_file(folder / MANIFEST_NAME))
             except (OSError, ValueError) as error:
-                log.warning("skipping avatar folder %s: %s", folder, error)
+                logger.warning("skipping avatar folder %s: %s", folder, error)
         return manifests
 
     def get(self, avatar_id: str) -> AvatarManifest:
@@ -264,7 +264,7 @@ class AvatarStore:
         with self._lock:
             self._cache.pop(avatar_id, None)
         shutil.rmtree(trash, ignore_errors=True)
-        log.info("deleted avatar %s", avatar_id)
+        logger.info("deleted avatar %s", avatar_id)
 
     def load(self, avatar_id: str) -> LoadedAvatar:
         """Frames, landmarks, boxes, masks and cycle of an avatar, decoded (cached)."""
@@ -293,7 +293,7 @@ class AvatarStore:
             except FileNotFoundError:  # finished or removed meanwhile
                 continue
             if now - newest >= stale_after_s:
-                log.info("removing leftover folder %s", folder)
+                logger.info("removing leftover folder %s", folder)
                 shutil.rmtree(folder, ignore_errors=True)
 
 

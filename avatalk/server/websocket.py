@@ -36,6 +36,7 @@ router = APIRouter()
 
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_POLICY = 1008
+ENCODE_BUDGET_S = 0.020  # longest a tick waits for its JPEG before repeating the previous picture
 _SEND_ERRORS = (WebSocketDisconnect, RuntimeError, OSError)  # what sending to a client that is gone raises
 
 
@@ -44,7 +45,10 @@ class WebSocketOutput:
 
     Frames are JPEG-encoded on ``encoder`` (the models' ``encode`` pool), not
     on asyncio's default pool, so encoding under load queues behind other
-    encodes only, never behind model work or file I/O.
+    encodes only, never behind model work or file I/O. When the pool is so
+    busy that a frame is not encoded within ``ENCODE_BUDGET_S``, the tick
+    carries the previous picture again and its audio leaves on time: a
+    saturated machine degrades video, never the pace of the sound.
     """
 
     def __init__(self, websocket: WebSocket, encoder: Executor, jpeg_quality: int = 80) -> None:
@@ -53,6 +57,8 @@ class WebSocketOutput:
         self.jpeg_quality = jpeg_quality
         self._lock = asyncio.Lock()
         self.open = True
+        self._encoding: asyncio.Future[bytes] | None = None
+        self._last_jpeg: bytes | None = None
 
     async def _send(self, text: str | None = None, data: bytes | None = None) -> None:
         if not self.open:
@@ -74,10 +80,28 @@ class WebSocketOutput:
         if not self.open:
             return
         if frame is not None:
-            jpeg = await run_in(self.encoder, encode_jpeg, frame, self.jpeg_quality)
+            jpeg = await self._jpeg(frame)
             await self._send(data=encode_binary(BinaryKind.VIDEO, tick, jpeg))
         if audio is not None:
             await self._send(data=encode_binary(BinaryKind.AUDIO, tick, float_to_pcm16(audio)))
+
+
+    async def _jpeg(self, frame: np.ndarray) -> bytes:
+        """This frame as JPEG, or the previous picture when the encoder is behind (never two encodes at once)."""
+        if self._encoding is None or self._encoding.done():
+            self._encoding = asyncio.ensure_future(run_in(self.encoder, encode_jpeg, frame, self.jpeg_quality))
+            self._encoding.add_done_callback(self._keep_jpeg)
+            if self._last_jpeg is None:  # the first picture is always waited for
+                return await self._encoding
+        done, _ = await asyncio.wait({self._encoding}, timeout=ENCODE_BUDGET_S)
+        if done:
+            return self._encoding.result()
+        assert self._last_jpeg is not None
+        return self._last_jpeg
+
+    def _keep_jpeg(self, encoding: asyncio.Future[bytes]) -> None:
+        if not encoding.cancelled() and encoding.exception() is None:
+            self._last_jpeg = encoding.result()
 
 
 @router.websocket("/v1/ws")

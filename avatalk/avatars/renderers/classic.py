@@ -46,7 +46,7 @@ from avatalk.avatars.renderers.base import (
 )
 from avatalk.avatars.store import LoadedAvatar
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 # --- Audio -> mouth pose ----------------------------------------------------------
 
@@ -553,7 +553,7 @@ def _prepare_avatar(avatar: LoadedAvatar, output_size: int) -> _AvatarData:
             box_out = np.round(box.astype(np.float64) * np.array([sx, sy, sx, sy])).astype(np.int32)
             plans[key] = _plan_mouth(image, points_out, box_out, mask)
             if plans[key] is None:
-                log.warning(
+                logger.warning(
                     "avatar %s frame %d: no usable mouth region; it is shown unanimated", avatar.manifest.id, index
                 )
         plans_out.append(plans[key])
@@ -578,7 +578,7 @@ class ClassicRenderer(Renderer):
         def build() -> _AvatarData:
             started = time.perf_counter()
             data = _prepare_avatar(avatar, output_size)
-            log.info(
+            logger.info(
                 "classic renderer: prepared avatar %s at %dx%d in %.0f ms",
                 avatar.manifest.id,
                 data.shape[1],
