@@ -16,14 +16,11 @@ waiting session never holds a thread of any pool.
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing
 from typing import Generic, TypeVar
-
-logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -129,12 +126,6 @@ async def emit_in_thread(
         else:
             handoff.finish(_DONE)
 
-    def finished(worker: asyncio.Future[None]) -> None:
-        if not worker.cancelled() and worker.exception() is not None:
-            logger.error("producer thread failed", exc_info=worker.exception())
-        if on_finished is not None:
-            on_finished()
-
     try:
         worker = loop.run_in_executor(executor, run)
     except BaseException:  # e.g. the executor has been shut down
@@ -142,7 +133,8 @@ async def emit_in_thread(
             on_finished()
         raise
     # The worker is never cancelled: its end, not the consumer's, is what frees the thread.
-    worker.add_done_callback(finished)
+    if on_finished is not None:
+        worker.add_done_callback(lambda _: on_finished())
     try:
         while True:
             item = await handoff.get()
@@ -201,16 +193,10 @@ class ModelTurns:
 
     async def stream(self, produce: Produce[T], *, maxsize: int = 16) -> AsyncIterator[T]:
         """Wait for the model, then yield what ``produce`` emits; see ``emit_in_thread``."""
-        import threading as _t
-        if not hasattr(self, "_tlock"):
-            self._tlock = _t.Lock()
-        inner = produce
-        def produce(emit, stop, inner=inner):
-            with self._tlock:
-                inner(emit, stop)
+        await self._lock.acquire()
         # No await between taking the turn and starting the producer: from here on
         # the turn is released by the producer's end (``on_finished``).
-        items = emit_in_thread(self._executor, produce, maxsize=maxsize, on_finished=None)
+        items = emit_in_thread(self._executor, produce, maxsize=maxsize, on_finished=self._lock.release)
         async with aclosing(items):
             async for item in items:
                 yield item

@@ -203,7 +203,9 @@ async def test_openai_streams_deltas_in_order_with_auth(
     openai_server: tuple[FakeOpenAIServer, str], executors: Executors
 ) -> None:
     fake, base_url = openai_server
-    settings = Settings(llm={"backend": "openai", "openai": {"base_url": base_url, "model": "ok", "api_key": "sk-secret"}})
+    settings = Settings(
+        llm={"backend": "openai", "openai": {"base_url": base_url, "model": "ok", "api_key": "sk-secret"}}
+    )
     llm = create_llm(settings, executors)
     assert isinstance(llm, OpenAICompatibleLLM)
     fake.requests.clear()

@@ -247,6 +247,7 @@ async def test_slow_renderer_degrades_to_idle_frames(live_server_factory, engine
     import time as clock
 
     from avatalk.avatars.renderers import create_renderer
+    from avatalk.avatars.renderers.base import RendererSession
 
     class SlowRendererForTest:
         name = "slow"
@@ -257,7 +258,7 @@ async def test_slow_renderer_degrades_to_idle_frames(live_server_factory, engine
         def open(self, avatar, output_size):
             session = self.inner.open(avatar, output_size)
 
-            class Slow:
+            class Slow(RendererSession):
                 output_shape = session.output_shape
                 idle_frame = staticmethod(session.idle_frame)
                 reset = staticmethod(session.reset)

@@ -2,13 +2,19 @@
 
 The engine calls ``TTS.synthesize`` once per piece of the reply that the
 sentence splitter has cut (a sentence, or a clause of a long one) and reads
-the audio as an async stream of chunks. What one chunk is depends on the
-backend: piper yields one chunk per sentence it finds in the text (usually
-the whole text), espeak-ng one per read of its output pipe, the
-OpenAI-compatible backend one per block of the HTTP response; none yields
-before it has some audio. Audio is always mono float32 in [-1, 1] at the
-backend's ``sample_rate``; the consumer resamples it to the rates it needs.
-Backends are registered by name in ``avatalk.tts`` and chosen by
+the audio as an async stream of chunks. What "streaming" means, and so how
+big a chunk is, depends on the backend:
+
+- piper phonemizes the text, then yields one chunk per sentence it finds in
+  it: for one sentence, one chunk, ready when the whole sentence is;
+- espeak-ng yields what each read of its output pipe brings (at most 8 KiB,
+  about 0.19 s of audio), from the first milliseconds on;
+- the OpenAI-compatible backend yields the samples each block of the HTTP
+  response completes, as early as the server sends them.
+
+No backend yields an empty chunk. Audio is always mono float32 in [-1, 1]
+at the backend's ``sample_rate``; the consumer resamples it to the rates it
+needs. Backends are registered by name in ``avatalk.tts`` and chosen by
 ``settings.tts.backend``.
 """
 
