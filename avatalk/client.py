@@ -19,6 +19,7 @@ import numpy as np
 import websockets
 
 from avatalk.media.audio import float_to_pcm16, pcm16_to_float, read_wav, resample
+from avatalk.media.timebase import ENGINE_SAMPLE_RATE
 from avatalk.streaming.protocol import BinaryKind, decode_binary
 
 Event = dict[str, Any]
@@ -72,7 +73,7 @@ class AvatalkClient:
         self.events: list[Event] = []
         self.audio: list[ReceivedAudio] = []
         self.frames: list[ReceivedFrame] = []
-        self.input_sample_rate = 16000
+        self.input_sample_rate = ENGINE_SAMPLE_RATE
         self.output_sample_rate = 24000
         self.closed: asyncio.Event = asyncio.Event()
         self.close_code: int | None = None
@@ -95,8 +96,10 @@ class AvatalkClient:
         if self._ws is not None:
             await self._ws.close()
         if self._reader is not None:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
+            # Waits for the reader to see the close; a cancellation of the caller still propagates.
+            await asyncio.wait({self._reader})
+            if not self._reader.cancelled():
+                self._reader.exception()  # retrieved: a reader that failed on the close is not an error
 
     async def _read(self) -> None:
         try:
@@ -130,7 +133,7 @@ class AvatalkClient:
 
     async def configure(
         self,
-        input_sample_rate: int = 16000,
+        input_sample_rate: int = ENGINE_SAMPLE_RATE,
         output_sample_rate: int = 24000,
         greeting: bool = False,
         **session: Any,
@@ -235,7 +238,7 @@ async def talk(
         video = {key: value for key, value in video.items() if value is not None}
     async with AvatalkClient(url) as client:
         await client.wait_for(lambda e: e["type"] == "session.created")
-        configured = await client.configure(16000, output_sample_rate, greeting=greeting, **video)
+        configured = await client.configure(ENGINE_SAMPLE_RATE, output_sample_rate, greeting=greeting, **video)
         if configured["type"] == "error":
             raise RuntimeError(f"server refused the session: {configured['message']}")
         if greeting:
@@ -243,7 +246,7 @@ async def talk(
         mark = len(client.events)
         await client.stream_audio(samples, rate)
         # Keep the microphone open (silence) until the reply to this turn is done.
-        silence = np.zeros(16000 * silence_chunk_ms // 1000, dtype=np.float32)
+        silence = np.zeros(ENGINE_SAMPLE_RATE * silence_chunk_ms // 1000, dtype=np.float32)
 
         async def reply_done() -> tuple[Event, Event]:
             heard = await client.wait_for(

@@ -125,7 +125,7 @@ def check_asr(settings: Settings) -> Passed:
 
 def _probe(url: str, api_key: str | None, hint: str) -> httpx.Response:
     """GET ``url`` with a short timeout; an unreachable server fails the check with the reason."""
-    from avatalk.llm.openai_compatible import connect_failure_reason
+    from avatalk.http_errors import connect_failure_reason
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:

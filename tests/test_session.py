@@ -11,6 +11,7 @@ from stage_fakes import Collector, FakeAvatarStore, FakeLLM, FakeModels, FakeRen
 from avatalk.config import Settings
 from avatalk.executors import Executors
 from avatalk.streaming.events import (
+    ErrorEvent,
     Latency,
     ResponseDone,
     ResponseInterrupted,
@@ -107,3 +108,21 @@ async def test_eight_sessions_waiting_for_a_busy_model_keep_their_clocks_at_25_t
         # 25 ticks a second; a loose floor, since this machine is shared (not a timing benchmark).
         assert len(in_window) >= 0.8 * 25 * seconds, f"{len(in_window)} ticks in {seconds:.1f} s"
         assert all(frame is not None for _, _, frame in output.ticks)  # every tick has a frame, late or not
+
+
+async def test_an_idle_session_ends_itself_and_can_close_from_its_own_task() -> None:
+    collector = Collector()
+    settings = Settings(limits={"idle_timeout_s": 0.4})
+    session = make_session(FakeModels(), collector, settings)
+    closed = asyncio.Event()
+
+    async def hang_up() -> None:  # what a transport does: close the session from the session's own task
+        await session.close()
+        closed.set()
+
+    session.on_end = hang_up
+    await session.configure(SessionOptions(input_sample_rate=16000, greeting=False))
+    await asyncio.wait_for(closed.wait(), 5.0)
+    errors = collector.of_type(ErrorEvent)
+    assert [(e.code, e.fatal) for e in errors] == [("idle_timeout", True)]
+    await session.close()  # closing twice is harmless

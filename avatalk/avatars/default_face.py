@@ -34,6 +34,7 @@ from avatalk.avatars import landmarks as mesh
 from avatalk.avatars.landmarks import FaceLandmarker, FaceResult
 from avatalk.avatars.prepare import write_avatar
 from avatalk.avatars.store import AvatarManifest, AvatarNotFound, AvatarStore, SourceInfo
+from avatalk.media.timebase import FPS
 
 logger = logging.getLogger(__name__)
 
@@ -580,7 +581,7 @@ def _head_matrix(pose: _Pose, scale: float) -> np.ndarray:
 
 
 def render_default_avatar(
-    size: int = 512, seconds: float = 4.0, fps: int = 25, landmarker: FaceLandmarker | None = None
+    size: int = 512, seconds: float = 4.0, fps: int = FPS, landmarker: FaceLandmarker | None = None
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Draw the default avatar: ``(frames as RGB uint8, landmarks (N, 468, 2) float32)``."""
     count = max(2, round(seconds * fps))
@@ -664,7 +665,7 @@ def ensure_default_avatar(
     display_name: str = "Ava",
     size: int = 512,
     seconds: float = 4.0,
-    fps: int = 25,
+    fps: int = FPS,
 ) -> AvatarManifest:
     """The default avatar's manifest, generating the avatar first if it is missing or outdated.
 

@@ -47,6 +47,7 @@ from avatalk.avatars.store import (
     validate_avatar_id,
 )
 from avatalk.config import Settings
+from avatalk.media.timebase import FPS
 
 logger = logging.getLogger(__name__)
 
@@ -554,7 +555,7 @@ def write_avatar(
     out_root: Path,
     *,
     source: SourceInfo,
-    fps: int = 25,
+    fps: int = FPS,
     image_format: Literal["jpg", "png"] = "jpg",
     jpeg_quality: int = 90,
     chin_margin: float = 0.05,
@@ -597,7 +598,7 @@ def prepare_avatar(
     *,
     kind: Literal["video", "image", "auto"] = "auto",
     max_seconds: float = 20.0,
-    fps: int = 25,
+    fps: int = FPS,
     still_seconds: float = 2.0,
     max_side: int | None = 1280,
     frame_size: int | None = None,

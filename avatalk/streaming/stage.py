@@ -68,5 +68,6 @@ class TaskSet:
             logger.error("%s: task %s failed", self.owner, task.get_name(), exc_info=task.exception())
 
     async def close(self) -> None:
-        """Cancel every task and wait for them."""
-        await cancel_and_wait(*self._tasks)
+        """Cancel every task and wait for them (except the caller's own, when it is one of them)."""
+        current = asyncio.current_task()
+        await cancel_and_wait(*(task for task in self._tasks if task is not current))

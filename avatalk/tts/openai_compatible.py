@@ -20,7 +20,7 @@ import numpy as np
 
 from avatalk.config import Settings
 from avatalk.executors import Executors
-from avatalk.llm.openai_compatible import connect_failure_reason, shorten_error_text
+from avatalk.http_errors import connect_failure_reason, shorten_error_text
 from avatalk.tts.base import TTS, TTSError
 from avatalk.tts.wav import WavStreamDecoder
 
