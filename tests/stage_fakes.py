@@ -50,13 +50,15 @@ class FakeVAD:
 class FakeASR:
     """Hears ``text`` in any audio of at least 0.1 s; counts its calls."""
 
-    def __init__(self, text: str = "What is two plus two?") -> None:
+    def __init__(self, text: str = "What is two plus two?", delay_s: float = 0.0) -> None:
         self.text = text
+        self.delay_s = delay_s
         self.settings = ASRSettings()
         self.calls = 0
 
     def transcribe(self, audio: np.ndarray) -> str:
         self.calls += 1
+        time.sleep(self.delay_s)
         return self.text if len(audio) >= ENGINE_SAMPLE_RATE // 10 else ""
 
 

@@ -6,7 +6,18 @@ import asyncio
 import time
 
 import numpy as np
-from stage_fakes import Collector, FakeAvatarStore, FakeLLM, FakeModels, FakeRenderer, FakeTTS, pcm16, silence, tone
+from stage_fakes import (
+    Collector,
+    FakeASR,
+    FakeAvatarStore,
+    FakeLLM,
+    FakeModels,
+    FakeRenderer,
+    FakeTTS,
+    pcm16,
+    silence,
+    tone,
+)
 
 from avatalk.config import Settings
 from avatalk.executors import Executors
@@ -126,3 +137,23 @@ async def test_an_idle_session_ends_itself_and_can_close_from_its_own_task() -> 
     errors = collector.of_type(ErrorEvent)
     assert [(e.code, e.fatal) for e in errors] == [("idle_timeout", True)]
     await session.close()  # closing twice is harmless
+
+
+async def test_speech_during_the_transcription_continues_the_turn_instead_of_getting_two_replies() -> None:
+    collector = Collector()
+    models = FakeModels(llm=FakeLLM("Sure."), asr=FakeASR("Hello there.", delay_s=0.8))
+    session = make_session(models, collector)
+    try:
+        await session.configure(SessionOptions(input_sample_rate=16000, greeting=False))
+        await talk(session, np.concatenate([tone(1.0), silence(0.7)]))  # turn 1 ends; its transcript is slow
+        await talk(session, np.concatenate([tone(2.5), silence(0.8)]))  # the user goes on meanwhile
+        completed = await collector.wait_for(ResponseDone, timeout=15)
+        while not any(event.status == "completed" for event in collector.of_type(ResponseDone)):
+            await asyncio.sleep(0.05)
+    finally:
+        await session.close()
+    first, second = collector.of_type(ResponseDone)[:2]
+    assert completed is first and (first.turn_id, first.status) == (1, "interrupted")
+    assert (second.turn_id, second.status) == (2, "completed")
+    users = [message.content for message in session.memory.messages() if message.role == "user"]
+    assert users == ["Hello there. Hello there."]  # one question, merged

@@ -117,6 +117,11 @@ class Listener:
         """A finished turn is still being transcribed."""
         return self._last_final is not None and not self._last_final.done()
 
+    @property
+    def user_holds_the_floor(self) -> bool:
+        """The user is speaking now, for at least ``turns.barge_in_ms`` (enough to interrupt a reply)."""
+        return self._detector.in_speech and self._barge_in_sent
+
     async def push(self, pcm16: bytes) -> None:
         """Queue one frame of client audio (waits while the stage is behind: the queue is bounded)."""
         await self._inbox.put(pcm16)

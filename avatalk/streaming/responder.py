@@ -156,6 +156,18 @@ class Responder:
         logger.info("turn %d interrupted (%s); kept %r", reply.turn_id, reason, spoken)
         return reply
 
+    async def set_aside(self, request: ReplyRequest) -> None:
+        """The user went on speaking before this turn could be answered: no reply of its own.
+
+        Their words stay in the history, so they join the next question (the
+        memory merges consecutive user messages), and the turn ends as an
+        interrupted one, as it would had its reply started and been barged in on.
+        """
+        if request.text:
+            self.memory.add_user(request.text)
+        await self._emit(ResponseInterrupted(turn_id=request.turn_id, reason="barge_in", spoken_text=""))
+        await self._emit(ResponseDone(turn_id=request.turn_id, status="interrupted", text=""))
+
     async def close(self) -> None:
         if self._task is not None:
             await cancel_and_wait(self._task)

@@ -370,11 +370,13 @@ class ConversationSession:
             await self.output.send_event(ResponseDone(turn_id=turn_id, status="empty", text=""))
             return
         await self.interrupt("new_input")  # a typed message may have started a reply meanwhile
-        self._reply(
-            ReplyRequest(
-                turn_id, turn.speech_end_at, text=turn.transcript, marks={"asr_final": turn.transcribed_at}
-            )
-        )
+        request = ReplyRequest(turn_id, turn.speech_end_at, text=turn.transcript, marks={"asr_final": turn.transcribed_at})
+        assert self.responder is not None and self.listener is not None
+        if self.listener.user_holds_the_floor:
+            # Speech that started while this turn was transcribed continues it (docs/protocol.md, barge-in).
+            await self.responder.set_aside(request)
+        else:
+            self.responder.start(request)
 
     async def _on_tick(self, tick: Tick) -> None:
         """The clock's sink: the reply's first audio sets its latency marks; then the tick goes out."""
