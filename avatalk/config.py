@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -55,6 +55,22 @@ class TurnSettings(BaseModel):
     min_speech_ms: int = Field(250, ge=0, le=5000, description="shorter speech is a blip and ignored")
     barge_in_ms: int = Field(200, ge=0, le=5000, description="user speech during the reply that interrupts it")
     max_turn_s: float = Field(30.0, gt=0, le=120, description="a turn is forced to end after this long")
+    semantic: bool = Field(
+        True, description="ask the smart-turn model whether the user has finished (silence rules when it is absent)"
+    )
+    smart_turn_model_path: Path | None = Field(
+        None, description="smart-turn v3 .onnx; empty = the one shipped in the pipecat-ai wheel"
+    )
+    semantic_silence_ms: int = Field(
+        180, ge=32, le=2000, description="silence after which the smart-turn model is asked; 'complete' ends the turn"
+    )
+    semantic_max_silence_ms: int = Field(
+        1500, ge=100, le=10000, description="silence that ends a turn the model judged incomplete"
+    )
+    semantic_threshold: float = Field(0.5, gt=0.0, lt=1.0, description="smart-turn probability that means complete")
+    preemptive_reply: bool = Field(
+        True, description="start the reply from the transcript of the first pause, committed if the turn ends as heard"
+    )
 
 
 class ASRSettings(BaseModel):
@@ -228,6 +244,7 @@ class ExecutorSettings(BaseModel):
     """Threads of each named pool (see ``avatalk.executors``)."""
 
     vad: int = Field(1, ge=1, le=64, description="voice activity detection (milliseconds per chunk)")
+    turn: int = Field(1, ge=1, le=64, description="the smart-turn end-of-turn model (tens of milliseconds per pause)")
     asr: int = Field(1, ge=1, le=64, description="speech recognition; one model decodes faster alone on a small CPU")
     llm: int = Field(1, ge=1, le=64, description="in-process LLM generation loops (one per model decoding at once)")
     tts: int = Field(2, ge=1, le=64, description="speech synthesis and resampling of reply audio")
@@ -313,6 +330,48 @@ class WebRTCSettings(BaseModel):
     connect_timeout_s: float = Field(30.0, gt=0, description="a call not connected by then is hung up")
 
 
+class JobSettings(BaseModel):
+    """Where background jobs (avatar preparation, renders) are kept, and how nodes share them."""
+
+    database_url: str | None = Field(
+        None,
+        description="PostgreSQL URL shared by every node (postgresql://USER@HOST:PORT/DB; the password from "
+        "PGPASSWORD or ~/.pgpass); empty = SQLite in data_dir, for one node only",
+    )
+    poll_s: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="how often a node looks for jobs queued through other nodes, for cancellations asked on "
+        "other nodes and for jobs whose node died (PostgreSQL)",
+    )
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("postgresql://", "postgres://")):
+            raise ValueError("jobs.database_url must be a postgresql:// URL (or empty for SQLite on one node)")
+        return value or None
+
+
+class ClusterSettings(BaseModel):
+    """This node's place among several behind a load balancer (docs/deployment.md, "Several nodes")."""
+
+    node_id: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$",
+        description="this node's name, the same as its HAProxy server name: session ids start with it so every "
+        "request of a WebRTC call reaches the node that holds it; empty = one node (plain session ids)",
+    )
+    agent_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="TCP port answering HAProxy's agent-check with this node's free capacity as a weight "
+        "(on the same address as the HTTP port); empty = off",
+    )
+
+
 class ApiKey(BaseModel):
     """A client's API key, stored as its SHA-256 (``avatalk keys hash KEY`` prints it)."""
 
@@ -359,6 +418,8 @@ class Settings(BaseSettings):
     avatars: AvatarSettings = AvatarSettings()
     webrtc: WebRTCSettings = WebRTCSettings()
     auth: AuthSettings = AuthSettings()
+    jobs: JobSettings = JobSettings()
+    cluster: ClusterSettings = ClusterSettings()
     musetalk: MuseTalkSettings = MuseTalkSettings()
     executors: ExecutorSettings = ExecutorSettings()
 
@@ -382,6 +443,11 @@ class Settings(BaseSettings):
     # Resolved model locations: configured path, else the embedded default.
     def vad_model_path(self) -> Path:
         return self.vad.model_path or package_data_path("silero_vad", "data", "silero_vad.onnx")
+
+    def smart_turn_model_path(self) -> Path:
+        if self.turns.smart_turn_model_path:
+            return self.turns.smart_turn_model_path
+        return package_data_path("pipecat", "audio", "turn", "smart_turn", "data", "smart-turn-v3.2-cpu.onnx")
 
     def asr_model_path(self) -> Path:
         if self.asr.model_path:

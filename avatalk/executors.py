@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import ParamSpec, TypeVar
 
@@ -31,6 +31,7 @@ class Executors:
     """One pool per kind of blocking work; threads are named ``avatalk-<kind>_<n>``."""
 
     vad: ThreadPoolExecutor
+    turn: ThreadPoolExecutor
     asr: ThreadPoolExecutor
     llm: ThreadPoolExecutor
     tts: ThreadPoolExecutor
@@ -53,7 +54,7 @@ class Executors:
             getattr(self, field.name).shutdown(wait=False, cancel_futures=True)
 
 
-async def run_in(executor: ThreadPoolExecutor, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+async def run_in(executor: Executor, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """``await`` a blocking call on ``executor``.
 
     Cancelling the caller cancels the call if it has not started yet (it

@@ -62,6 +62,18 @@ class FakeASR:
         return self.text if len(audio) >= ENGINE_SAMPLE_RATE // 10 else ""
 
 
+class FakeEndOfTurn:
+    """Calls an utterance complete when it is at least ``complete_after_s`` long; counts its calls."""
+
+    def __init__(self, complete_after_s: float = 0.0) -> None:
+        self.complete_after_s = complete_after_s
+        self.calls = 0
+
+    def complete_probability(self, audio: np.ndarray) -> float:
+        self.calls += 1
+        return 0.9 if len(audio) >= self.complete_after_s * ENGINE_SAMPLE_RATE else 0.1
+
+
 class FakeLLM(LLM):
     """Streams ``reply`` word by word; ``hold_s`` keeps a worker thread busy first, like a model prefilling.
 
@@ -76,6 +88,7 @@ class FakeLLM(LLM):
         self.reply = reply
         self.hold_s = hold_s
         self.executor = executor
+        self.calls: list[list[ChatMessage]] = []
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -83,6 +96,7 @@ class FakeLLM(LLM):
         return cls(executor=executors.llm)
 
     async def stream(self, messages: list[ChatMessage]) -> AsyncIterator[str]:
+        self.calls.append(messages)
         async with self._lock:
             if self.hold_s:
                 loop = asyncio.get_running_loop()
@@ -170,6 +184,7 @@ class FakeModels:
     asr: FakeASR = field(default_factory=FakeASR)
     vad: FakeVAD = field(default_factory=FakeVAD)
     renderer: FakeRenderer | None = None
+    turn: FakeEndOfTurn | None = None
     executors: Executors = field(default_factory=lambda: Executors.create(Settings().executors))
 
 

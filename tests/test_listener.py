@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
-from stage_fakes import FakeASR, FakeVADStream, drain, pcm16, silence, tone
+from stage_fakes import FakeASR, FakeEndOfTurn, FakeVADStream, drain, pcm16, silence, tone
 
 from avatalk.config import Settings, TurnSettings
 from avatalk.executors import Executors
@@ -14,6 +14,7 @@ from avatalk.streaming.listener import (
     BargeInSpeech,
     Listener,
     PartialHeard,
+    PauseHeard,
     SpeechBegan,
     SpeechEnded,
     SpeechIgnoredBlip,
@@ -22,7 +23,9 @@ from avatalk.streaming.listener import (
 from avatalk.streaming.turns import TurnDetector
 
 
-def make_listener(asr: FakeASR, turns: TurnSettings | None = None, rate: int = 16000) -> Listener:
+def make_listener(
+    asr: FakeASR, turns: TurnSettings | None = None, rate: int = 16000, end_of_turn: FakeEndOfTurn | None = None
+) -> Listener:
     settings = Settings()
     turns = turns or settings.turns
     executors = Executors.create(settings.executors)
@@ -32,8 +35,10 @@ def make_listener(asr: FakeASR, turns: TurnSettings | None = None, rate: int = 1
         vad_executor=executors.vad,
         transcriber=TurnTranscriber(asr, executors.asr),  # type: ignore[arg-type]
         turns=turns,
-        detector=TurnDetector(turns, settings.vad),
+        detector=TurnDetector(turns, settings.vad, semantic=end_of_turn is not None),
         queue_size=64,
+        end_of_turn=end_of_turn,
+        turn_executor=executors.turn,
     )
 
 
@@ -92,7 +97,9 @@ async def test_a_blip_is_ignored_and_never_transcribed_as_a_turn() -> None:
     finally:
         runner.cancel()
         await listener.close()
-    assert [type(message) for message in messages] == [SpeechBegan, SpeechIgnoredBlip]
+    kinds = [type(message) for message in messages]
+    assert kinds[0] is SpeechBegan and kinds[-1] is SpeechIgnoredBlip  # a PauseHeard may come between
+    assert UserTurn not in kinds and SpeechEnded not in kinds
 
 
 async def test_audio_at_another_rate_is_resampled_and_commit_ends_the_turn_at_once() -> None:
@@ -125,3 +132,24 @@ async def test_a_recogniser_failure_becomes_a_turn_with_an_error() -> None:
         await listener.close()
     turn = messages[-1]
     assert isinstance(turn, UserTurn) and turn.transcript == "" and "decoder exploded" in (turn.error or "")
+
+
+async def test_the_end_of_turn_model_ends_a_complete_turn_early_and_lets_an_incomplete_one_wait() -> None:
+    turns = TurnSettings(end_silence_ms=500, semantic_silence_ms=160, semantic_max_silence_ms=1500)
+    ended = {}
+    for complete_after_s in (0.0, 60.0):  # every utterance complete / none ever complete
+        model = FakeEndOfTurn(complete_after_s)
+        listener = make_listener(FakeASR("I would like to know about"), turns, end_of_turn=model)
+        runner = asyncio.create_task(listener.run())
+        try:
+            # 0.6 s of silence: past the model's short silence and the 500 ms rule, short of 1.5 s.
+            await speak(listener, np.concatenate([tone(1.0), silence(0.6)]))
+            messages = await drain(listener.messages, settle_s=0.5)
+        finally:
+            runner.cancel()
+            await listener.close()
+        assert model.calls == 1  # asked once for the one pause
+        ended[complete_after_s] = any(isinstance(message, SpeechEnded) for message in messages)
+        if complete_after_s:  # while the turn stays open, the pause's transcript is reported (for a reply)
+            assert any(isinstance(message, PauseHeard) for message in messages)
+    assert ended == {0.0: True, 60.0: False}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 
 import httpx
@@ -124,16 +125,28 @@ async def test_bad_input_gets_clear_errors_and_the_session_lives_on(server):
             assert error["message"]
 
         await expect_error(b"\x00\x01" * 160, "audio_before_configuration")
+        await expect_error(b"\x00" * 301, "audio_before_configuration")  # configuration is checked first
         await expect_error("this is not json", "invalid_json")
+        await expect_error("[1, 2]", "invalid_json")  # JSON, but not an object
+        await expect_error('{"type": 123}', "missing_type")
         await expect_error('{"type": "make.coffee"}', "unknown_event")
+        await expect_error('{"type": "session.update", "session": 7}', "invalid_event")
+        await expect_error('{"type": "conversation.item.create", "text": "   "}', "invalid_event")
         await expect_error('{"type": "session.update", "session": {}}', "invalid_session_config")
-        await expect_error('{"type": "session.update", "session": {"input_sample_rate": 12345}}', "unsupported_sample_rate")
+        await expect_error('{"type": "session.update", "session": {"input_sample_rate": 12345}}', "invalid_session_config")
+        for bad in ('"video_size": 101', '"video_size": -4', '"video_size": 99999', '"video_size": "big"',
+                    '"input_sample_rate": "fast"', '"persona": "grumpy"'):
+            await expect_error('{"type": "session.update", "session": {"input_sample_rate": 16000, ' + bad + "}}",
+                               "invalid_session_config")
         await expect_error('{"type": "conversation.item.create", "text": "hi"}', "not_configured")
+        await expect_error('{"type": "conversation.item.create", "text": "' + "x" * (65 * 1024) + '"}', "frame_too_large")
         configured = await client.configure(16000, 24000)
         assert configured["type"] == "session.updated"
         await expect_error(b"\x00" * 301, "invalid_audio")
         await expect_error(b"\x00" * (300 * 1024), "frame_too_large")
         await expect_error('{"type": "session.update", "session": {"input_sample_rate": 48000}}', "invalid_session_config")
+        await expect_error('{"type": "session.update", "session": {"video": true}}', "invalid_session_config")
+        await expect_error('{"type": "conversation.item.create", "text": "' + "x" * 2001 + '"}', "text_too_long")
         await expect_error('{"type": "response.cancel"}', "no_response")
         # Still a working session.
         mark = len(client.events)
@@ -144,13 +157,65 @@ async def test_bad_input_gets_clear_errors_and_the_session_lives_on(server):
         await client.close()
 
 
-async def test_message_above_the_hard_cap_closes_cleanly(server):
+@pytest.mark.parametrize("payload", [b"\x00" * (5 * 1024 * 1024), "x" * (5 * 1024 * 1024)], ids=["binary", "text"])
+async def test_message_above_the_hard_cap_closes_cleanly(server, payload):
+    """Over 4 MiB the hard cap wins over the 64 KiB / 256 KiB frame rules: a close with 1009, no error event."""
     client = await open_session(server.ws_url)
-    await client.send_raw(b"\x00" * (5 * 1024 * 1024))
+    mark = len(client.events)
+    await client.send_raw(payload)
     await asyncio.wait_for(client.closed.wait(), 10)
     assert client.close_code == 1009
+    assert [e for e in client.events[mark:] if e["type"] == "error"] == []
     other = await open_session(server.ws_url)
     await other.close()
+
+
+class RecordsForTest(logging.Handler):
+    """Keeps every record (uvicorn's loggers do not propagate to the root logger, so caplog misses them)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+async def test_invalid_utf8_closes_with_1007_and_logs_one_warning_line(server):
+    """A client's mistake: uvicorn closes with 1007; the log has a WARNING without a traceback, no ERROR."""
+    import websockets
+
+    handler = RecordsForTest()
+    loggers = [logging.getLogger(), logging.getLogger("uvicorn")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        async with websockets.connect(server.ws_url) as ws:
+            await ws.recv()  # session.created
+            await ws.send(b'{"type": "\xff\xfe"}', text=True)
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                while True:
+                    await ws.recv()
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1007
+    records = [r for r in handler.records if "UTF-8" in r.getMessage()]
+    assert [(r.levelno, r.exc_info, r.exc_text) for r in records] == [(logging.WARNING, None, None)]
+    assert [r.getMessage() for r in handler.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_protocol_mistakes_are_logged_as_warnings_without_tracebacks(server, caplog):
+    client = await open_session(server.ws_url)
+    try:
+        with caplog.at_level(logging.WARNING):
+            mark = len(client.events)
+            await client.send_raw('{"type": "make.coffee"}')
+            await client.wait_for(lambda e: e["type"] == "error", since=mark, timeout=10)
+    finally:
+        await client.close()
+    mistakes = [r for r in caplog.records if "unknown_event" in r.getMessage()]
+    assert [(r.levelno, r.exc_info) for r in mistakes] == [(logging.WARNING, None)]
 
 
 async def test_client_disconnecting_mid_reply_frees_its_slot(server):
@@ -333,8 +398,12 @@ async def test_unknown_avatar_is_a_clear_error(server):
         await client.wait_for(lambda e: e["type"] == "session.created")
         error = await client.configure(avatar="nobody-here")
         assert error["type"] == "error" and error["code"] == "unknown_avatar"
-        error = await client.configure(avatar="../etc")
-        assert error["type"] == "error" and error["code"] == "invalid_session_config"
+        error = await client.configure(avatar="../etc")  # cannot be an avatar id: names no avatar either
+        assert error["type"] == "error" and error["code"] == "unknown_avatar"
+        error = await client.configure(avatar="x" * 500)
+        assert error["type"] == "error" and error["code"] == "unknown_avatar"
+        # Still not configured, and a good update works.
+        assert (await client.configure(avatar="ava", video_size=128))["type"] == "session.updated"
     finally:
         await client.close()
 

@@ -24,8 +24,10 @@ from avatalk.executors import Executors
 from avatalk.streaming.events import (
     ErrorEvent,
     Latency,
+    ResponseCreated,
     ResponseDone,
     ResponseInterrupted,
+    ResponseTextDelta,
     SessionUpdated,
     SpeechStarted,
     SpeechStopped,
@@ -50,7 +52,8 @@ async def talk(session: ConversationSession, audio: np.ndarray) -> None:
 
 async def test_a_spoken_question_is_answered_with_marks_from_the_end_of_speech() -> None:
     collector = Collector()
-    session = make_session(FakeModels(llm=FakeLLM("Four.")), collector)
+    settings = Settings(turns={"preemptive_reply": False})  # every stage after the end of speech, in order
+    session = make_session(FakeModels(llm=FakeLLM("Four.")), collector, settings)
     try:
         await session.configure(SessionOptions(input_sample_rate=16000, greeting=False))
         assert isinstance(collector.events[0], SessionUpdated)
@@ -157,3 +160,43 @@ async def test_speech_during_the_transcription_continues_the_turn_instead_of_get
     assert (second.turn_id, second.status) == (2, "completed")
     users = [message.content for message in session.memory.messages() if message.role == "user"]
     assert users == ["Hello there. Hello there."]  # one question, merged
+
+
+async def test_a_prepared_reply_is_committed_when_the_turn_ends_as_heard() -> None:
+    collector = Collector()
+    llm = FakeLLM("Four.")
+    settings = Settings(turns={"end_silence_ms": 700})
+    session = make_session(FakeModels(llm=llm, asr=FakeASR("What is two plus two")), collector, settings)
+    try:
+        await session.configure(SessionOptions(input_sample_rate=16000, greeting=False))
+        await talk(session, np.concatenate([tone(1.0), silence(1.0)]))
+        done = await collector.wait_for(ResponseDone)
+    finally:
+        await session.close()
+    assert len(llm.calls) == 1  # the reply prepared at the pause was used: no second LLM call
+    assert done.status == "completed" and done.text == "Four." and done.preemptive is True
+    kinds = [type(event).__name__ for event in collector.events]
+    # Nothing of the prepared reply went out before the turn ended and its transcript was final.
+    assert kinds.index("SpeechStopped") < kinds.index("TranscriptionCompleted") < kinds.index("ResponseCreated")
+    latency = collector.of_type(Latency)[0]
+    assert latency.preemptive is True and latency.marks_ms["first_audio"] >= latency.marks_ms["llm_first_token"] >= 0
+    assert [m.content for m in session.memory.messages() if m.role == "user"] == ["What is two plus two"]
+
+
+async def test_a_prepared_reply_is_dropped_without_a_trace_when_the_user_speaks_on() -> None:
+    collector = Collector()
+    llm = FakeLLM("Sure.")
+    settings = Settings(turns={"end_silence_ms": 900})
+    session = make_session(FakeModels(llm=llm, asr=FakeASR("I would like")), collector, settings)
+    try:
+        await session.configure(SessionOptions(input_sample_rate=16000, greeting=False))
+        await talk(session, np.concatenate([tone(1.0), silence(0.5), tone(0.8), silence(1.2)]))
+        done = await collector.wait_for(ResponseDone)
+    finally:
+        await session.close()
+    assert len(llm.calls) == 2  # one prepared at the first pause (dropped), one at the second (committed)
+    assert len(collector.of_type(ResponseCreated)) == 1 and done.status == "completed"
+    deltas = "".join(event.delta for event in collector.of_type(ResponseTextDelta))
+    assert deltas.strip() == "Sure."  # the dropped reply's text never reached the client
+    assert [m.content for m in session.memory.messages() if m.role == "user"] == ["I would like"]
+    assert [m.content for m in session.memory.messages() if m.role == "assistant"] == ["Sure."]

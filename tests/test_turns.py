@@ -77,3 +77,56 @@ def test_force_end_and_nothing_to_end():
     run(d, [0.9] * 10)
     event = d.force_end(1.0)
     assert event is not None and event.kind is TurnEventKind.TURN_ENDED
+
+
+def semantic(**turns) -> TurnDetector:
+    settings = TurnSettings(semantic_silence_ms=192, semantic_max_silence_ms=1504, min_speech_ms=100, **turns)
+    return TurnDetector(settings, VADSettings(preroll_ms=320), semantic=True)
+
+
+def pause_until_due(d: TurnDetector) -> int:
+    """Feed silence until the model should be asked; returns how many windows that took."""
+    for index in range(100):
+        events = d.push(np.zeros(WINDOW, np.float32), 0.0, now=10.0 + index * 0.032)
+        assert all(event.kind is TurnEventKind.SPEECH_PAUSED for event in events)
+        if d.verdict_due:
+            return index + 1
+    raise AssertionError("the verdict never became due")
+
+
+def test_semantic_complete_verdict_ends_the_turn_after_the_short_silence():
+    d = semantic()
+    run(d, [0.9] * 20)
+    assert pause_until_due(d) == 6  # 192 ms of silence
+    pause = d.request_verdict()
+    assert not d.verdict_due  # asked once per pause
+    ended = d.note_verdict(pause, True, now=11.0)
+    assert ended is not None and ended.kind is TurnEventKind.TURN_ENDED and ended.speech_end_at == 19 * 0.032
+
+
+def test_semantic_incomplete_verdict_waits_for_the_long_silence():
+    d = semantic(end_silence_ms=500)
+    run(d, [0.9] * 20)
+    windows = pause_until_due(d)
+    assert d.note_verdict(d.request_verdict(), False, now=11.0) is None
+    for index in range(windows, 100):
+        events = d.push(np.zeros(WINDOW, np.float32), 0.0, now=11.0 + index * 0.032)
+        if events:
+            break
+    assert [event.kind for event in events] == [TurnEventKind.TURN_ENDED]
+    assert index + 1 == 47  # 1504 ms of silence, not end_silence_ms
+
+
+def test_a_verdict_on_an_earlier_pause_is_ignored_and_a_failed_one_falls_back_to_silence_rules():
+    d = semantic(end_silence_ms=320)
+    run(d, [0.9] * 20)
+    pause_until_due(d)
+    stale = d.request_verdict()
+    run(d, [0.9] * 5)  # the user speaks again before the verdict arrives
+    assert d.note_verdict(stale, True, now=11.0) is None and d.in_speech
+    windows = pause_until_due(d)
+    assert d.note_verdict(d.request_verdict(), None, now=11.0) is None  # 192 ms < 320 ms fallback silence
+    extra = 0
+    while not [e for e in d.push(np.zeros(WINDOW, np.float32), 0.0, now=12.0) if e.kind is TurnEventKind.TURN_ENDED]:
+        extra += 1
+    assert windows + extra + 1 == 10  # 320 ms: the silence rule

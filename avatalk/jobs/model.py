@@ -22,6 +22,12 @@ RESTART_MESSAGE = "interrupted by a server restart; submit it again"
 SHUTDOWN_MESSAGE = "interrupted by a server shutdown; it runs again when the server starts"
 MISSING_INPUT_MESSAGE = "its input file is gone after a server restart; submit it again"
 CANCELLED_MESSAGE = "cancelled"
+#: A running job whose node died (a deployment of several nodes sharing PostgreSQL); ``{node}`` is its name.
+NODE_LOST_MESSAGE = "interrupted: the node running it ({node}) stopped; submit it again"
+#: A claimed job whose ``input`` file this node cannot see; ``{node}`` is the node's name.
+INPUT_NOT_SHARED_MESSAGE = (
+    "its input file is missing on node {node}; every node must share the same data folder (AVATALK_DATA_DIR)"
+)
 
 
 class JobState(StrEnum):

@@ -13,7 +13,7 @@ import logging
 import sqlite3
 import threading
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -221,6 +221,23 @@ class SQLiteJobStore(JobStore):
                 (job_id, kind, avatar_id, json.dumps(dict(params or {})), now, now),
             ).fetchone()
         return _job_from_row(row)
+
+    def count(self, states: Iterable[JobState]) -> int:
+        wanted = [JobState(state).value for state in states]
+        rows = self._execute(f"SELECT count(*) FROM jobs WHERE state IN ({_placeholders(wanted)})", tuple(wanted))
+        return int(rows[0][0])
+
+    def claim(self, kinds: Collection[str]) -> Job | None:
+        wanted = list(kinds)
+        if not wanted:
+            return None
+        rows = self._execute(
+            f"UPDATE jobs SET state = 'running', message = NULL, updated_at = ? WHERE id = ("
+            f"SELECT id FROM jobs WHERE state = 'queued' AND kind IN ({_placeholders(wanted)}) "
+            f"ORDER BY created_at, rowid LIMIT 1) RETURNING {_COLUMNS}",
+            (_now(), *wanted),
+        )
+        return _job_from_row(rows[0]) if rows else None
 
     def start(self, job_id: str) -> Job | None:
         rows = self._execute(

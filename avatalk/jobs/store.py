@@ -21,6 +21,17 @@ What happens to unfinished jobs when a store is opened by a new process:
 A clean shutdown (``JobRunner.stop``) puts running jobs back to ``queued``:
 they were interrupted on purpose, so they run again after the restart.
 
+A store that several processes share at once (``shared``: the PostgreSQL
+store of a deployment of several nodes) cannot settle at open, since the
+other nodes' running jobs are alive. It knows a job's node is alive by a lock
+that node's database connection holds while the job runs: ``claim`` takes it,
+``finish`` and ``requeue`` give it back, and when a node dies its connection
+and its locks go with it. ``settle_orphans``, which every node calls now and
+then, marks the running jobs whose lock is free ``failed``, for the same
+reason as above: a job that killed one node must not go on to kill the next.
+Queued jobs belong to no node, so any node takes them (``claim``) and none is
+lost with a node.
+
 Every method is a short blocking call; async code runs them with
 ``asyncio.to_thread`` (the runner calls them from its worker threads), so
 implementations must be safe to call from several threads.
@@ -29,14 +40,17 @@ implementations must be safe to call from several threads.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Collection, Iterable, Mapping
+from typing import Any, ClassVar
 
 from avatalk.jobs.model import ACTIVE_STATES, Job, JobState
 
 
 class JobStore(ABC):
     """The jobs of this server: read, create and move through their states atomically."""
+
+    #: Other processes (the other nodes of a deployment) use the same jobs at the same time.
+    shared: ClassVar[bool] = False
 
     @abstractmethod
     def close(self) -> None:
@@ -59,6 +73,10 @@ class JobStore(ABC):
         oldest_first: bool = False,
     ) -> list[Job]:
         """Jobs, newest first (or oldest first), optionally filtered; ``limit=None`` for all."""
+
+    def count(self, states: Iterable[JobState]) -> int:
+        """How many jobs are in one of ``states`` (the runner bounds the queue with it)."""
+        return len(self.list(limit=None, states=states))
 
     def active_for_avatar(self, avatar_id: str, kind: str) -> Job | None:
         """The queued or running job of ``kind`` for an avatar, if any."""
@@ -107,3 +125,39 @@ class JobStore(ABC):
     @abstractmethod
     def requeue(self, job_id: str, message: str) -> Job | None:
         """Put a running job back in the queue from the start; ``None`` if it was not running."""
+
+    def claim(self, kinds: Collection[str]) -> Job | None:
+        """Start the oldest queued job of one of ``kinds`` for this process; ``None`` when there is none.
+
+        This is how a runner takes work: a job queued by any process sharing
+        the store is run by exactly one of them. The default takes the queued
+        jobs in creation order and keeps the first that ``start`` moves (an
+        atomic compare-and-set, so two claimers never get the same job);
+        stores override it with one statement.
+        """
+        wanted = set(kinds)
+        for job in self.list(limit=None, states=[JobState.QUEUED], oldest_first=True):
+            if job.kind in wanted:
+                started = self.start(job.id)
+                if started is not None:
+                    return started
+        return None
+
+    def request_cancel(self, job_id: str) -> None:
+        """Ask whichever process runs ``job_id`` to cancel it (see ``cancel_requested``).
+
+        A store only one process uses needs nothing here: that process's
+        runner cancels its own jobs in memory.
+        """
+
+    def cancel_requested(self, job_ids: Collection[str]) -> set[str]:
+        """Which of these running jobs another process asked to cancel (``request_cancel``)."""
+        return set()
+
+    def settle_orphans(self) -> list[Job]:
+        """Fail the running jobs whose process died (a shared store; see the module doc).
+
+        Returns the jobs it failed. A store only one process uses settles them
+        when it is opened instead, so the default does nothing.
+        """
+        return []

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from avatalk.llm.base import ChatMessage
 
@@ -97,6 +97,18 @@ class DialogueMemory:
             last.user_tokens = self._count_tokens(last.user)
         else:
             self._exchanges.append(_Exchange(user=text, user_tokens=self._count_tokens(text)))
+
+    def preview_user(self, text: str) -> list[ChatMessage]:
+        """``messages()`` as they would be after ``add_user(text)``, recording nothing.
+
+        A reply prepared before the user's turn is over (a preemptive reply)
+        is generated from this; the text enters the history only if the turn
+        ends as it was heard.
+        """
+        preview = DialogueMemory(self.system_prompt, self.max_turns, self.max_tokens, self._count_tokens)
+        preview._exchanges = [replace(exchange) for exchange in self._exchanges]
+        preview.add_user(text)
+        return preview.messages()
 
     def add_assistant(self, text: str) -> None:
         """Record what the assistant actually said (empty text is dropped)."""

@@ -24,7 +24,7 @@ from collections import defaultdict, deque
 from dataclasses import dataclass
 
 from starlette.requests import HTTPConnection
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from avatalk.config import ApiKey, Settings
 
@@ -146,15 +146,28 @@ class Authenticator:
         raise AuthError(401, "unknown API key")
 
 
+@dataclass(frozen=True)
+class Slot:
+    """One job slot taken in a caller's window (given back when the request is refused)."""
+
+    who: str
+    at: float
+
+
 class RateLimiter:
-    """A sliding one-minute window per caller, for job creation."""
+    """A sliding one-minute window per caller, for job creation: only accepted jobs count.
+
+    A job-creating request takes a slot before it runs, so concurrent requests
+    cannot overshoot the limit, and gives it back unless it is answered with a
+    2xx (the job was queued): a 422, 415, 404 or 413 costs the caller nothing.
+    """
 
     def __init__(self, per_minute: int) -> None:
         self.per_minute = per_minute
         self._hits: defaultdict[str, deque[float]] = defaultdict(deque)
 
-    def allow(self, who: str) -> float | None:
-        """None when allowed, else seconds until the next slot."""
+    def take(self, who: str) -> Slot | float:
+        """A slot in ``who``'s window, or the seconds until one frees up."""
         now = time.monotonic()
         hits = self._hits[who]
         while hits and hits[0] <= now - 60.0:
@@ -162,7 +175,18 @@ class RateLimiter:
         if len(hits) >= self.per_minute:
             return 60.0 - (now - hits[0])
         hits.append(now)
-        return None
+        return Slot(who, now)
+
+    def give_back(self, slot: Slot) -> None:
+        """The request did not create a job: its slot is free again."""
+        hits = self._hits[slot.who]
+        if slot.at in hits:
+            hits.remove(slot.at)
+
+    def allow(self, who: str) -> float | None:
+        """None when allowed (the slot is kept), else seconds until the next slot."""
+        taken = self.take(who)
+        return None if isinstance(taken, Slot) else taken
 
 
 def _credential(scope: Scope) -> str | None:
@@ -197,18 +221,35 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         session_route = path.startswith(SESSION_PATHS)
+        slot: Slot | None = None
         try:
             principal = self.authenticator.authenticate(_credential(scope), session_route)
             method = scope.get("method", "")
             if any(method == m and path.startswith(p) for m, p in JOB_CREATING):
-                wait = self.limiter.allow(principal.name)
-                if wait is not None:
-                    raise AuthError(429, f"too many jobs: the limit is {self.limiter.per_minute} a minute; retry in {wait:.0f} s")
+                taken = self.limiter.take(principal.name)
+                if not isinstance(taken, Slot):
+                    raise AuthError(429, f"too many jobs: the limit is {self.limiter.per_minute} a minute; retry in {taken:.0f} s")
+                slot = taken
         except AuthError as error:
             await _refuse(scope, send, error)
             return
         scope.setdefault("state", {})["principal"] = principal
-        await self.app(scope, receive, send)
+        if slot is None:
+            await self.app(scope, receive, send)
+            return
+        accepted = False
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal accepted
+            if message["type"] == "http.response.start":
+                accepted = 200 <= int(message["status"]) < 300
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_noting_status)
+        finally:
+            if not accepted:  # refused, failed or abandoned: no job was created
+                self.limiter.give_back(slot)
 
 
 async def _refuse(scope: Scope, send: Send, error: AuthError) -> None:

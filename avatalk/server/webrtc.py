@@ -159,12 +159,16 @@ async def pump_microphone(track: MediaStreamTrack, push: Callable[[bytes], Await
 async def deliver_channel_message(
     message: object, handle: Callable[[ClientEvent], Awaitable[None]], output: SessionOutput
 ) -> None:
-    """Decode one data-channel message and hand it to the session; errors go back as events."""
+    """Decode one data-channel message and hand it to the session; errors go back as events.
+
+    A client's mistake is logged as one line at WARNING (no traceback), as on the WebSocket.
+    """
     try:
         if not isinstance(message, str):
-            raise ProtocolError("invalid_event", "data channel messages must be JSON text")
+            raise ProtocolError("invalid_json", "data channel messages must be JSON text, not binary")
         await handle(parse_client_event(message))
     except ProtocolError as error:
+        logger.warning("webrtc data channel: %s: %s", error.code, error.message[:200])
         await output.send_event(ErrorEvent(code=error.code, message=error.message))
 
 

@@ -12,7 +12,7 @@ from typing import Literal
 
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from fastapi import APIRouter, HTTPException, Request, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from avatalk.config import IceServer
 from avatalk.server.admission import Refused, admit, release
@@ -35,10 +35,17 @@ MAX_SDP_CHARS = 64 * 1024
 class OfferIn(BaseModel):
     sdp: str = Field(min_length=1, max_length=MAX_SDP_CHARS)
     type: Literal["offer"]
-    avatar: str | None = Field(None, max_length=64, description="avatar id; default: the server's default avatar")
+    avatar: str | None = Field(None, description="avatar id (404 when it names no avatar); default: the server's default avatar")
     video_size: int | None = Field(None, ge=64, le=2048, description="longer side of the video in pixels (even)")
     greeting: bool = Field(True, description="speak the persona greeting once connected")
     persona: PersonaOptions | None = None
+
+    @field_validator("video_size")
+    @classmethod
+    def _even(cls, size: int | None) -> int | None:
+        if size is not None and size % 2:
+            raise ValueError(f"video_size must be even, not {size}")
+        return size
 
 
 class AnswerOut(BaseModel):
@@ -109,7 +116,8 @@ async def webrtc_offer(body: OfferIn, request: Request) -> AnswerOut:
                 greeting=False,  # spoken once the page can hear it (data channel open)
             )
         )
-    except ProtocolError as error:
+    except ProtocolError as error:  # the caller's mistake (unknown avatar, no renderer): no traceback
+        logger.warning("session %s webrtc offer refused: %s: %s", session.id, error.code, error.message[:200])
         await hang_up("offer rejected")
         raise HTTPException(404 if error.code == "unknown_avatar" else 422, error.message) from error
 

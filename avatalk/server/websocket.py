@@ -34,6 +34,36 @@ from avatalk.streaming.session import ConversationSession
 logger = logging.getLogger(__name__)
 router = APIRouter()
 
+
+class ClientUTF8Filter(logging.Filter):
+    """uvicorn's record of a text frame that is not UTF-8, as what it is: a client's mistake.
+
+    uvicorn (``websockets-sansio``) closes such a connection with 1007 itself,
+    before the app sees the frame, and logs it with ``logger.exception`` on
+    ``uvicorn.error``: an ERROR with a traceback for something the server
+    handled. This filter turns that one record into a one-line WARNING, as
+    every other client mistake is logged; anything else passes unchanged.
+    """
+
+    MESSAGE = "Invalid UTF-8 sequence received from client."
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == self.MESSAGE and record.levelno > logging.WARNING:
+            record.levelno, record.levelname = logging.WARNING, logging.getLevelName(logging.WARNING)
+            record.msg = "a client sent a text frame that is not UTF-8; closed with 1007"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_client_utf8_errors() -> None:
+    """Install ``ClientUTF8Filter`` on uvicorn's error logger (once; the app serving /v1/ws does it on import)."""
+    uvicorn_errors = logging.getLogger("uvicorn.error")
+    if not any(isinstance(existing, ClientUTF8Filter) for existing in uvicorn_errors.filters):
+        uvicorn_errors.addFilter(ClientUTF8Filter())
+
+
+quiet_client_utf8_errors()
+
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_POLICY = 1008
 ENCODE_BUDGET_S = 0.020  # longest a tick waits for its JPEG before repeating the previous picture
@@ -159,13 +189,15 @@ async def _serve(websocket: WebSocket, session: ConversationSession, output: Web
                 await session.push_audio(data)
             elif message.get("text") is not None:
                 text: str = message["text"]
-                if len(text.encode()) > limits.max_text_frame_bytes:
+                size = len(text.encode())
+                if size > limits.max_text_frame_bytes:
                     raise ProtocolError(
                         "frame_too_large",
-                        f"text frame of {len(text)} characters exceeds the limit of {limits.max_text_frame_bytes} bytes",
+                        f"text frame of {size} bytes exceeds the limit of {limits.max_text_frame_bytes}; dropped",
                     )
                 await session.handle_event(parse_client_event(text))
-        except ProtocolError as error:
+        except ProtocolError as error:  # the client's mistake: one line at WARNING, no traceback
+            logger.warning("session %s: %s: %s", session.id, error.code, error.message[:200])
             await session.output.send_event(ErrorEvent(code=error.code, message=error.message))
         except Exception:  # a bug must cost one message, not the session
             logger.exception("session %s could not handle a client message", session.id)

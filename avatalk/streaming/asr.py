@@ -110,6 +110,15 @@ class WhisperASR:
         return tokenizer.decode(cut_repetition(tokens))
 
 
+def same_words(first: str, second: str) -> bool:
+    """Whether two transcripts say the same words, ignoring case and punctuation."""
+    return _words(first) == _words(second)
+
+
+def _words(text: str) -> list[str]:
+    return re.sub(r"[^\w\s']", " ", text.lower()).split()
+
+
 def cut_repetition(tokens: list[int], min_period: int = 3) -> list[int]:
     """Drop a tail that restarts the text from its beginning ("Hi there. Hi there. Hi")."""
     for period in range(min_period, len(tokens) - 1):

@@ -17,6 +17,37 @@ State = Literal["listening", "thinking", "speaking"]
 InterruptReason = Literal["barge_in", "client_cancel", "new_input"]
 TurnStatus = Literal["completed", "interrupted", "failed", "empty"]
 
+#: Every ``error`` code the server sends; docs/protocol.md ("Errors") gives the exact condition of each.
+ErrorCode = Literal[
+    # A frame the server cannot act on (the frame is dropped; the session stays open).
+    "frame_too_large",  # a text frame over limits.max_text_frame_bytes, or a binary one over max_audio_frame_bytes
+    "invalid_json",  # a text frame that is not JSON, cannot be decoded, or is JSON but not an object
+    "missing_type",  # a JSON object without a "type" field, or with one that is not a string
+    "unknown_event",  # a "type" string that names no client event
+    "invalid_event",  # a known event whose own fields are malformed (wrong type, missing, extra; empty text)
+    "invalid_audio",  # a binary frame with an odd number of bytes
+    # A well-formed event the session cannot act on now (the session stays open).
+    "invalid_session_config",  # any bad value inside session.update's "session", or changing a fixed one
+    "unknown_avatar",  # "avatar" names no prepared avatar (or cannot be an avatar id)
+    "video_unavailable",  # video asked of a server without avatars or a renderer
+    "audio_before_configuration",  # audio before the first successful session.update
+    "not_configured",  # typed text before the first successful session.update
+    "text_too_long",  # typed text over limits.max_text_input_chars
+    "no_response",  # response.cancel with no reply in progress
+    # A reply failed (turn_id set; the turn ends with response.done status "failed").
+    "llm_error",
+    "tts_error",
+    "internal_error",
+    # The connection (fatal, or sent just before the server closes it).
+    "server_full",
+    "not_ready",
+    "idle_timeout",
+    "session_expired",
+    "server_shutdown",
+]
+#: Every ``warning`` code.
+WarningCode = Literal["renderer_behind"]
+
 #: The latency marks of a turn, in the order they happen (milliseconds after end of user speech or text receipt).
 LATENCY_MARKS = ("asr_final", "llm_first_token", "first_sentence", "tts_first_audio", "first_audio", "first_frame")
 
@@ -105,6 +136,7 @@ class Latency(ServerEvent):
     type: Literal["latency"] = "latency"
     turn_id: int
     marks_ms: dict[str, float]
+    preemptive: bool | None = None  # true when the reply was prepared before the end of the turn
 
 
 class ResponseInterrupted(ServerEvent):
@@ -120,11 +152,12 @@ class ResponseDone(ServerEvent):
     status: TurnStatus
     text: str
     latency_ms: dict[str, float] | None = None
+    preemptive: bool | None = None  # true when the reply was prepared before the end of the turn
 
 
 class ErrorEvent(ServerEvent):
     type: Literal["error"] = "error"
-    code: str
+    code: ErrorCode
     message: str
     turn_id: int | None = None
     fatal: bool | None = None
@@ -132,7 +165,7 @@ class ErrorEvent(ServerEvent):
 
 class WarningEvent(ServerEvent):
     type: Literal["warning"] = "warning"
-    code: str
+    code: WarningCode
     message: str
     late_frames: int | None = None
 

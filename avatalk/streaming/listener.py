@@ -2,11 +2,13 @@
 
 client PCM16 -> resample to 16 kHz -> VAD (``vad`` executor) -> turn detector
 -> ASR partials while the user speaks, an early pass at each pause, the final
-at the end of the turn (``asr`` executor).
+at the end of the turn (``asr`` executor); with the smart-turn model, its
+verdict on each pause (``turn`` executor) tells the detector whether the user
+has finished.
 
 It knows nothing about replies: it reports what the user does
-(``SpeechBegan``, ``PartialHeard``, ``BargeInSpeech``, ``SpeechEnded``,
-``UserTurn``) on its bounded ``messages`` queue, and the session decides what
+(``SpeechBegan``, ``PartialHeard``, ``BargeInSpeech``, ``PauseHeard``,
+``SpeechResumed``, ``SpeechEnded``, ``UserTurn``) on its bounded ``messages`` queue, and the session decides what
 that means for the conversation. Turn ids are the session's too.
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -53,6 +56,18 @@ class PartialHeard:
 
 
 @dataclass(frozen=True, slots=True)
+class PauseHeard:
+    """What the early pass heard at a pause: the final transcript, unless the user goes on (preemptive replies)."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class SpeechResumed:
+    """The user spoke again after a pause: what ``PauseHeard`` said no longer covers the turn."""
+
+
+@dataclass(frozen=True, slots=True)
 class BargeInSpeech:
     """The utterance has lasted ``turns.barge_in_ms``: enough to interrupt a reply (sent once per utterance)."""
 
@@ -76,7 +91,15 @@ class UserTurn:
     error: str | None = None  # the recogniser failed; the transcript is empty
 
 
-ListenerMessage = SpeechBegan | SpeechIgnoredBlip | PartialHeard | BargeInSpeech | SpeechEnded | UserTurn
+ListenerMessage = (
+    SpeechBegan | SpeechIgnoredBlip | PartialHeard | PauseHeard | SpeechResumed | BargeInSpeech | SpeechEnded | UserTurn
+)
+
+
+class EndOfTurnModel(Protocol):
+    """The semantic end-of-turn classifier (``SmartTurnModel``)."""
+
+    def complete_probability(self, audio: np.ndarray) -> float: ...
 
 
 class VoiceActivity(Protocol):
@@ -93,11 +116,13 @@ class Listener:
         *,
         input_sample_rate: int,
         vad: VoiceActivity,
-        vad_executor: object,
+        vad_executor: Executor,
         transcriber: TurnTranscriber,
         turns: TurnSettings,
         detector: TurnDetector,
         queue_size: int,
+        end_of_turn: EndOfTurnModel | None = None,
+        turn_executor: Executor | None = None,
         name: str = "listener",
     ) -> None:
         self._resampler = StreamResampler(input_sample_rate, ENGINE_SAMPLE_RATE)
@@ -106,6 +131,9 @@ class Listener:
         self._transcriber = transcriber
         self._barge_in_ms = turns.barge_in_ms
         self._detector = detector
+        self._end_of_turn = end_of_turn
+        self._turn_executor = turn_executor
+        self._complete_threshold = turns.semantic_threshold
         self._inbox: asyncio.Queue[bytes] = asyncio.Queue(maxsize=queue_size)
         self.messages: asyncio.Queue[ListenerMessage] = asyncio.Queue(maxsize=queue_size)
         self._tasks = TaskSet(name)
@@ -140,12 +168,15 @@ class Listener:
             samples = self._resampler.process(pcm16_to_float(data))
             if len(samples) == 0:
                 continue
-            windows = await run_in(self._vad_executor, self._vad.process, samples)  # type: ignore[arg-type]
+            windows = await run_in(self._vad_executor, self._vad.process, samples)
             for window, probability in windows:
                 for event in self._detector.push(window, probability, arrived):
                     await self._on_turn_event(event)
                 if self._detector.in_speech:
                     await self._while_speaking()
+                if self._detector.verdict_due:
+                    pause = self._detector.request_verdict()
+                    self._tasks.spawn(self._verdict(pause, self._detector.utterance()), "end-of-turn")
 
     async def close(self) -> None:
         self._transcriber.reset()
@@ -166,10 +197,26 @@ class Listener:
             await self.messages.put(PartialHeard(text))
 
     async def _early(self, task: asyncio.Task[str]) -> None:
-        """The pause transcription may say the sentence is finished: the turn then ends sooner."""
+        """The pause transcription may say the sentence is finished (the turn then ends sooner) and lets a reply start."""
         text = await task
-        if text and self._detector.in_speech:
+        if text and self._detector.paused:
             self._detector.note_transcript(text)
+            await self.messages.put(PauseHeard(text))
+
+    async def _verdict(self, pause: int, audio: np.ndarray) -> None:
+        """Ask the end-of-turn model about this pause; its answer may end the turn at once."""
+        assert self._end_of_turn is not None and self._turn_executor is not None
+        complete: bool | None
+        try:
+            probability = await run_in(self._turn_executor, self._end_of_turn.complete_probability, audio)
+            complete = probability >= self._complete_threshold
+            logger.debug("end-of-turn model: %.2f complete", probability)
+        except Exception:  # the silence rules take over for this pause
+            logger.exception("the end-of-turn model failed")
+            complete = None
+        event = self._detector.note_verdict(pause, complete, time.monotonic())
+        if event is not None:
+            await self._on_turn_event(event)
 
     async def _on_turn_event(self, event: TurnEvent) -> None:
         if event.kind is TurnEventKind.SPEECH_STARTED:
@@ -181,6 +228,7 @@ class Listener:
             self._tasks.spawn(self._early(task), "asr-early")
         elif event.kind is TurnEventKind.SPEECH_RESUMED:
             self._transcriber.invalidate_early()
+            await self.messages.put(SpeechResumed())
         elif event.kind is TurnEventKind.BLIP:
             logger.debug("ignored a %.0f ms blip", event.speech_ms)
             self._transcriber.reset()

@@ -14,6 +14,7 @@ from avatalk.executors import Executors, run_in
 from avatalk.llm import LLM, ChatMessage, LLMError, create_llm
 from avatalk.media.timebase import ENGINE_SAMPLE_RATE
 from avatalk.streaming.asr import WhisperASR
+from avatalk.streaming.smart_turn import SmartTurnModel
 from avatalk.streaming.vad import SileroVAD
 from avatalk.tts import TTS, TTSError, create_tts
 
@@ -29,6 +30,8 @@ class EngineModels:
     llm: LLM
     tts: TTS
     renderer: Renderer | None = None
+    #: The semantic end-of-turn model; None: silence rules only (not installed, or ``turns.semantic`` off).
+    turn: SmartTurnModel | None = None
     #: The named pools the models run their blocking work on.
     executors: Executors = field(default_factory=Executors.create)
 
@@ -43,6 +46,7 @@ class EngineModels:
             llm=create_llm(settings, executors),
             tts=create_tts(settings, executors),
             renderer=create_renderer(settings.avatars.renderer, settings.musetalk),
+            turn=load_smart_turn(settings),
             executors=executors,
         )
         logger.info("models loaded in %.1f s", time.perf_counter() - started)
@@ -64,6 +68,8 @@ class EngineModels:
             async for _audio in self.tts.synthesize("Hello."):
                 pass
             await run_in(self.executors.asr, self.asr.transcribe, np.zeros(ENGINE_SAMPLE_RATE, dtype=np.float32))
+            if self.turn is not None:
+                await run_in(self.executors.turn, self.turn.complete_probability, np.zeros(ENGINE_SAMPLE_RATE, np.float32))
         except (LLMError, TTSError) as error:
             logger.warning("warm-up skipped: %s", error)
         logger.info("models warmed up in %.1f s", time.perf_counter() - started)
@@ -72,3 +78,14 @@ class EngineModels:
         await self.llm.aclose()
         await self.tts.aclose()
         self.executors.shutdown()
+
+
+def load_smart_turn(settings: Settings) -> SmartTurnModel | None:
+    """The smart-turn model, or None (with the reason logged) when it is off or not installed."""
+    if not settings.turns.semantic:
+        return None
+    try:
+        return SmartTurnModel(settings.smart_turn_model_path())
+    except FileNotFoundError as error:
+        logger.warning("semantic end of turn off, silence rules only: %s", error)
+        return None

@@ -14,9 +14,11 @@ import struct
 from enum import IntEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic_core import ErrorDetails
 
 from avatalk.media.timebase import SUPPORTED_SAMPLE_RATES
+from avatalk.streaming.events import ErrorCode
 
 BINARY_HEADER = struct.Struct("<BxxxII")  # kind, tick index, pts in ms
 
@@ -27,9 +29,9 @@ class BinaryKind(IntEnum):
 
 
 class ProtocolError(Exception):
-    """A client message we cannot act on; becomes an ``error`` event."""
+    """A client message we cannot act on; becomes an ``error`` event (docs/protocol.md, "Errors")."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -55,9 +57,16 @@ class SessionOptions(BaseModel):
     output_sample_rate: int | None = None
     persona: PersonaOptions | None = None
     greeting: bool | None = Field(None, description="speak the persona greeting when the session starts")
-    avatar: str | None = Field(None, max_length=64)
+    avatar: str | None = Field(None, description="a prepared avatar's id (an id that cannot exist: unknown_avatar)")
     video: bool | None = None
-    video_size: int | None = Field(None, ge=64, le=2048)
+    video_size: int | None = Field(None, ge=64, le=2048, description="longer side of the video in pixels, even")
+
+    @field_validator("video_size")
+    @classmethod
+    def _even(cls, size: int | None) -> int | None:
+        if size is not None and size % 2:
+            raise ValueError(f"video_size must be even, not {size}")
+        return size
 
 
 class SessionUpdate(BaseModel):
@@ -70,6 +79,13 @@ class TextInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["conversation.item.create"]
     text: str = Field(min_length=1)
+
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, text: str) -> str:
+        if not text.strip():
+            raise ValueError("text must not be empty or only whitespace")
+        return text
 
 
 class ResponseCancel(BaseModel):
@@ -88,7 +104,14 @@ CLIENT_EVENT_TYPES = ("session.update", "conversation.item.create", "response.ca
 
 
 def parse_client_event(text: str) -> SessionUpdate | TextInput | ResponseCancel | AudioCommit:
-    """Decode one text frame, raising ProtocolError with a precise reason."""
+    """Decode one text frame, raising ProtocolError with a precise reason.
+
+    The checks run in the order docs/protocol.md states: JSON (``invalid_json``),
+    then the ``type`` (``missing_type``, ``unknown_event``), then the event's
+    own fields (``invalid_event``), then the values inside a ``session.update``'s
+    ``session`` (``invalid_session_config``). A frame with several mistakes gets
+    the code of the first check it fails.
+    """
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
@@ -96,27 +119,49 @@ def parse_client_event(text: str) -> SessionUpdate | TextInput | ResponseCancel 
     except (ValueError, RecursionError) as error:  # e.g. nesting too deep, a 5000-digit number
         raise ProtocolError("invalid_json", f"the JSON cannot be decoded: {str(error)[:120]}")
     if not isinstance(data, dict):
-        raise ProtocolError("invalid_json", "text frames must be JSON objects with a 'type' field")
+        raise ProtocolError("invalid_json", f"text frames must be JSON objects with a 'type' field, not {_json_kind(data)}")
     kind = data.get("type")
+    if kind is None:
+        raise ProtocolError("missing_type", "the event has no 'type' field")
     if not isinstance(kind, str):
-        raise ProtocolError("missing_type", "event has no string 'type' field")
+        raise ProtocolError("missing_type", f"the event's 'type' must be a string, not {_json_kind(kind)}")
     if kind not in CLIENT_EVENT_TYPES:
         raise ProtocolError("unknown_event", f"unknown event type {kind!r}; expected one of {', '.join(CLIENT_EVENT_TYPES)}")
     try:
         return _client_event.validate_python(data)
     except ValidationError as error:
-        details = "; ".join(
-            f"{'.'.join(str(p) for p in item['loc'][1:]) or 'event'}: {item['msg']}" for item in error.errors()
-        )
-        raise ProtocolError("invalid_event", f"invalid {kind} event: {details}")
+        errors = error.errors()
+        event_errors = [item for item in errors if not _in_session(item)]
+        if event_errors:
+            raise ProtocolError("invalid_event", f"invalid {kind} event: {_describe(event_errors)}")
+        raise ProtocolError("invalid_session_config", f"invalid session.update: {_describe(errors, skip=2)}")
+
+
+def _in_session(item: ErrorDetails) -> bool:
+    """An error about a value inside ``session`` (a configuration value), not about the event itself."""
+    location = item["loc"]  # (event type, field, ...)
+    return len(location) > 2 and location[0] == "session.update" and location[1] == "session"
+
+
+def _describe(errors: list[ErrorDetails], skip: int = 1) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in item['loc'][skip:]) or 'event'}: {item['msg']}" for item in errors)
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "an array", dict: "an object"}.get(
+        type(value), type(value).__name__
+    )
 
 
 def check_sample_rate(rate: int | None, field_name: str) -> int:
+    """A rate the first ``session.update`` must give; anything else is ``invalid_session_config``."""
     if rate is None:
         raise ProtocolError("invalid_session_config", f"{field_name} is required (one of {SUPPORTED_SAMPLE_RATES})")
     if rate not in SUPPORTED_SAMPLE_RATES:
         raise ProtocolError(
-            "unsupported_sample_rate", f"{field_name} {rate} is not supported; use one of {SUPPORTED_SAMPLE_RATES}"
+            "invalid_session_config", f"{field_name} {rate} is not supported; use one of {SUPPORTED_SAMPLE_RATES}"
         )
     return rate
 

@@ -7,6 +7,11 @@ One reply at a time. The responder owns cancelling it and what "spoken so
 far" means: every sentence's audio is a ``QueuedAudio`` whose ``released``
 count the clock advances tick by tick, so an interrupted reply keeps exactly
 the words the user heard, in the events and in the history.
+
+A reply may be *prepared* before the user's turn is over (``prepare``, from
+the transcript of the first pause): LLM and TTS run, but nothing reaches the
+client, the history or the clock until ``commit``; ``discard`` drops it
+without a trace. Committed, its first audio goes out on the next tick.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
 from avatalk.config import LLMSettings, PersonaSettings, TTSSettings
 from avatalk.executors import run_in
 from avatalk.llm import LLM, LLMError
+from avatalk.llm.base import ChatMessage
 from avatalk.llm.memory import DialogueMemory
 from avatalk.llm.sentences import SentenceSplitter
 from avatalk.media.audio import resample
@@ -37,6 +44,8 @@ from avatalk.streaming.events import (
     ResponseInterrupted,
     ResponseTextDelta,
     ResponseTextDone,
+    ServerEvent,
+    State,
 )
 from avatalk.streaming.stage import ConversationState, Emit, cancel_and_wait
 from avatalk.tts import TTS, TTSError
@@ -67,12 +76,17 @@ class Reply:
     sentences: list[tuple[str, QueuedAudio]] = field(default_factory=list)
     generated_text: str = ""
     first_audio_ready: asyncio.Event = field(default_factory=asyncio.Event)
+    heard: str | None = None  # the user's words it answers
+    preemptive: bool = False  # prepared before the end of the turn
+    committed: asyncio.Event = field(default_factory=asyncio.Event)  # its events, history and audio may go out
+    held: list[ServerEvent | State] = field(default_factory=list)  # what it said before being committed
 
     def mark(self, name: str) -> None:
         self.marks.setdefault(name, time.monotonic())
 
     def marks_ms(self) -> dict[str, float]:
-        return {name: round((at - self.started_at) * 1000.0, 1) for name, at in self.marks.items()}
+        """Milliseconds after ``started_at``; a prepared reply's stages done before it count as 0."""
+        return {name: max(0.0, round((at - self.started_at) * 1000.0, 1)) for name, at in self.marks.items()}
 
     def spoken_text(self) -> str:
         """The reply text whose audio reached the client (a partly played sentence is cut by words)."""
@@ -126,20 +140,84 @@ class Responder:
         self._name = name
         self.current: Reply | None = None
         self._task: asyncio.Task[None] | None = None
+        self._pending_user_text: str | None = None  # a prepared reply's user text, recorded on commit
 
     @property
     def active(self) -> bool:
-        return self.current is not None
+        """A reply the client knows of is being generated or played (a prepared one does not count)."""
+        return self.current is not None and self.current.committed.is_set()
+
+    @property
+    def prepared(self) -> Reply | None:
+        """The reply prepared ahead of the end of the turn, not yet committed."""
+        reply = self.current
+        return reply if reply is not None and not reply.committed.is_set() else None
 
     def start(self, request: ReplyRequest) -> Reply:
         """Begin answering ``request`` (the caller has interrupted any reply in progress)."""
-        reply = Reply(request.turn_id, request.started_at, dict(request.marks))
+        return self._begin(request, committed=True)
+
+    def prepare(self, request: ReplyRequest) -> Reply:
+        """Begin answering ``request`` in the background, invisible until ``commit``."""
+        return self._begin(request, committed=False)
+
+    async def commit(self, started_at: float, marks: dict[str, float]) -> Reply:
+        """The turn ended as the prepared reply assumed: let it out (its audio from the next tick on)."""
+        reply = self.prepared
+        assert reply is not None, "no prepared reply to commit"
+        reply.started_at = started_at
+        reply.marks.update(marks)
+        if self._pending_user_text is not None:
+            self.memory.add_user(self._pending_user_text)
+            self._pending_user_text = None
+        reply.committed.set()
+        for held in reply.held:
+            if isinstance(held, str):
+                await self._state.set(held)  # type: ignore[arg-type]
+            else:
+                await self._emit(held)
+        reply.held.clear()
+        logger.info("turn %d: prepared reply committed", reply.turn_id)
+        return reply
+
+    async def discard(self) -> None:
+        """Drop the prepared reply, if any: nothing of it ever reached the client or the history."""
+        reply = self.prepared
+        if reply is None:
+            return
+        self.current = None
+        self._pending_user_text = None
+        if self._task is not None:
+            await cancel_and_wait(self._task)
+        logger.debug("turn %d: prepared reply discarded", reply.turn_id)
+
+    def _begin(self, request: ReplyRequest, committed: bool) -> Reply:
+        reply = Reply(
+            request.turn_id, request.started_at, dict(request.marks), heard=request.text, preemptive=not committed
+        )
+        if committed:
+            reply.committed.set()
         self.current = reply
         self._task = asyncio.create_task(self._run(reply, request), name=f"{self._name}:reply-{request.turn_id}")
         return reply
 
+    async def _say(self, reply: Reply, what: ServerEvent | State) -> None:
+        """An event or state change of ``reply``: sent now, or held until it is committed."""
+        if not reply.committed.is_set():
+            reply.held.append(what)
+        elif isinstance(what, str):
+            await self._state.set(what)  # type: ignore[arg-type]
+        else:
+            await self._emit(what)
+
     async def interrupt(self, reason: InterruptReason) -> Reply | None:
-        """Stop the current reply; the history keeps what was heard. None when there was none."""
+        """Stop the current reply; the history keeps what was heard. None when there was none.
+
+        A prepared reply is not the client's to interrupt: it is discarded silently.
+        """
+        if self.prepared is not None:
+            await self.discard()
+            return None
         reply, task = self.current, self._task
         if reply is None:
             return None
@@ -172,19 +250,28 @@ class Responder:
         if self._task is not None:
             await cancel_and_wait(self._task)
         self.current = None
+        self._pending_user_text = None
 
     async def _run(self, reply: Reply, request: ReplyRequest) -> None:
         try:
             await self._respond(reply, request)
-        except (LLMError, TTSError) as error:
-            code = "llm_error" if isinstance(error, LLMError) else "tts_error"
-            logger.warning("turn %d: %s", reply.turn_id, error)
-            await self._finish_failed(reply, code, str(error))
         except Exception as error:  # one turn's failure never ends the session
-            logger.exception("turn %d failed", reply.turn_id)
-            await self._finish_failed(reply, "internal_error", f"the reply failed: {error}")
+            if not reply.committed.is_set():
+                # Nobody knows of a prepared reply: drop it; the turn is answered afresh when it ends.
+                logger.info("turn %d: prepared reply failed (%s); dropped", reply.turn_id, error)
+                if self.current is reply:
+                    self.current = None
+                    self._pending_user_text = None
+            elif isinstance(error, (LLMError, TTSError)):
+                logger.warning("turn %d: %s", reply.turn_id, error)
+                await self._finish_failed(reply, "llm_error" if isinstance(error, LLMError) else "tts_error", str(error))
+            else:
+                logger.exception("turn %d failed", reply.turn_id)
+                await self._finish_failed(reply, "internal_error", f"the reply failed: {error}")
 
-    async def _finish_failed(self, reply: Reply, code: str, message: str) -> None:
+    async def _finish_failed(
+        self, reply: Reply, code: Literal["llm_error", "tts_error", "internal_error"], message: str
+    ) -> None:
         if self.current is reply:
             self.current = None
         spoken = reply.spoken_text()
@@ -199,20 +286,26 @@ class Responder:
 
     async def _respond(self, reply: Reply, request: ReplyRequest) -> None:
         turn_id = reply.turn_id
+        messages = self.memory.messages()
         if request.text is not None:
-            self.memory.add_user(request.text)
-            await self._state.set("thinking")
-        await self._emit(ResponseCreated(turn_id=turn_id))
+            if reply.committed.is_set():
+                self.memory.add_user(request.text)
+                messages = self.memory.messages()
+            else:  # recorded on commit; the LLM sees the history as it will be then
+                self._pending_user_text = request.text
+                messages = self.memory.preview_user(request.text)
+            await self._say(reply, "thinking")
+        await self._say(reply, ResponseCreated(turn_id=turn_id))
         sentences: asyncio.Queue[str | None] = asyncio.Queue(maxsize=self._queue_size)
         speaker = asyncio.create_task(self._speak(reply, sentences), name=f"{self._name}:tts-{turn_id}")
         writer = asyncio.create_task(
-            self._write(reply, sentences, request.fixed_reply), name=f"{self._name}:llm-{turn_id}"
+            self._write(reply, sentences, request.fixed_reply, messages), name=f"{self._name}:llm-{turn_id}"
         )
         try:
             # Whichever fails first ends the turn; the other is cancelled.
             await asyncio.wait({writer, speaker}, return_when=asyncio.FIRST_EXCEPTION)
             if writer.done() and writer.exception() is None:
-                await self._emit(ResponseTextDone(turn_id=turn_id, text=reply.generated_text))
+                await self._say(reply, ResponseTextDone(turn_id=turn_id, text=reply.generated_text))
             for task in (writer, speaker):
                 if task.done() and task.exception() is not None:
                     raise task.exception()  # type: ignore[misc]
@@ -226,7 +319,15 @@ class Responder:
         if request.fixed_reply is not None or spoken:
             self.memory.add_assistant(spoken or reply.generated_text)
         await self._state.set("listening")
-        await self._emit(ResponseDone(turn_id=turn_id, status="completed", text=spoken, latency_ms=reply.marks_ms()))
+        await self._emit(
+            ResponseDone(
+                turn_id=turn_id,
+                status="completed",
+                text=spoken,
+                latency_ms=reply.marks_ms(),
+                preemptive=reply.preemptive or None,
+            )
+        )
 
     def _splitter(self, first_chunk: bool) -> SentenceSplitter:
         splitter = SentenceSplitter(
@@ -236,21 +337,27 @@ class Responder:
             splitter.max_chars = max(self._tts_settings.first_chunk_chars, splitter.min_chars + 1)
         return splitter
 
-    async def _write(self, reply: Reply, sentences: asyncio.Queue[str | None], fixed_reply: str | None) -> None:
+    async def _write(
+        self,
+        reply: Reply,
+        sentences: asyncio.Queue[str | None],
+        fixed_reply: str | None,
+        messages: list[ChatMessage],
+    ) -> None:
         """Produce the reply's sentences (from the LLM, or a fixed text), then the end marker."""
         if fixed_reply is not None:
             reply.generated_text = fixed_reply
-            await self._emit(ResponseTextDelta(turn_id=reply.turn_id, delta=fixed_reply))
+            await self._say(reply, ResponseTextDelta(turn_id=reply.turn_id, delta=fixed_reply))
             splitter = self._splitter(first_chunk=False)
             for sentence in splitter.push(fixed_reply) + splitter.flush():
                 await sentences.put(sentence)
         else:
-            await self._generate(reply, sentences)
+            await self._generate(reply, sentences, messages)
         await sentences.put(None)
 
-    async def _generate(self, reply: Reply, sentences: asyncio.Queue[str | None]) -> None:
+    async def _generate(self, reply: Reply, sentences: asyncio.Queue[str | None], messages: list[ChatMessage]) -> None:
         splitter = self._splitter(first_chunk=True)
-        stream = self._llm.stream(self.memory.messages())
+        stream = self._llm.stream(messages)
         wait_s = self._llm_settings.first_token_timeout_s
         try:
             async with asyncio.timeout(wait_s) as first_token:
@@ -260,7 +367,7 @@ class Responder:
                     first_token.reschedule(None)
                     reply.mark("llm_first_token")
                     reply.generated_text += delta
-                    await self._emit(ResponseTextDelta(turn_id=reply.turn_id, delta=delta))
+                    await self._say(reply, ResponseTextDelta(turn_id=reply.turn_id, delta=delta))
                     for sentence in splitter.push(delta):
                         first = "first_sentence" not in reply.marks
                         reply.mark("first_sentence")
@@ -307,6 +414,7 @@ class Responder:
                 len(speech) / tts.sample_rate, len(sentence), (time.monotonic() - started) * 1000,
             )
             samples, render_samples = await run_in(self._tts_executor, self._resample, speech, tts.sample_rate)
+            await reply.committed.wait()  # a prepared reply's audio waits here for the end of the turn
             queued = await self._clock.enqueue(reply.turn_id, samples, render_samples)
             reply.sentences.append((sentence, queued))
             reply.first_audio_ready.set()

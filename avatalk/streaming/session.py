@@ -18,7 +18,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -27,7 +27,7 @@ from avatalk.config import Settings
 from avatalk.executors import run_in
 from avatalk.llm.memory import DialogueMemory
 from avatalk.logs import task_context
-from avatalk.streaming.asr import TurnTranscriber
+from avatalk.streaming.asr import TurnTranscriber, same_words
 from avatalk.streaming.clock import MediaClock, Tick
 from avatalk.streaming.events import (
     ErrorEvent,
@@ -48,9 +48,11 @@ from avatalk.streaming.listener import (
     Listener,
     ListenerMessage,
     PartialHeard,
+    PauseHeard,
     SpeechBegan,
     SpeechEnded,
     SpeechIgnoredBlip,
+    SpeechResumed,
     UserTurn,
 )
 from avatalk.streaming.models import EngineModels
@@ -224,8 +226,8 @@ class ConversationSession:
     async def interrupt(self, reason: InterruptReason = "barge_in") -> bool:
         """Barge-in: silence from the next tick on, the reply cancelled; True if there was one."""
         responder = self.responder
-        if responder is None or responder.current is None:
-            return False
+        if responder is None or not responder.active or responder.current is None:
+            return False  # nothing the client knows of (a prepared reply is the listener's business)
         assert self.clock is not None
         self.clock.clear(responder.current.turn_id)
         if self.video is not None:
@@ -260,8 +262,10 @@ class ConversationSession:
             vad_executor=executors.vad,
             transcriber=TurnTranscriber(models.asr, executors.asr),
             turns=settings.turns,
-            detector=TurnDetector(settings.turns, settings.vad),
+            detector=TurnDetector(settings.turns, settings.vad, semantic=models.turn is not None),
             queue_size=queue_size,
+            end_of_turn=models.turn,
+            turn_executor=executors.turn,
             name=f"{self.id}:listener",
         )
         self.responder = Responder(
@@ -295,11 +299,9 @@ class ConversationSession:
             raise ProtocolError("invalid_session_config", f"video_size must be even, not {size}")
         try:
             avatar = await asyncio.to_thread(self.avatars.load, avatar_id)
-        except InvalidAvatarId as error:
-            raise ProtocolError("invalid_session_config", f"invalid avatar id: {error}") from error
-        except AvatarNotFound as error:
+        except (InvalidAvatarId, AvatarNotFound) as error:  # an id that cannot exist names no avatar either
             raise ProtocolError(
-                "unknown_avatar", f"there is no avatar {avatar_id!r}; GET /v1/avatars lists them"
+                "unknown_avatar", f"there is no avatar {avatar_id[:80]!r}; GET /v1/avatars lists them"
             ) from error
         executor = self.models.executors.render
         renderer = await run_in(executor, self.models.renderer.open, avatar, size)
@@ -344,9 +346,14 @@ class ConversationSession:
             await self.output.send_event(SpeechStarted(turn_id=self._listening_turn))
         elif isinstance(message, PartialHeard):
             await self.output.send_event(TranscriptionPartial(turn_id=self._listening_turn, transcript=message.text))
+        elif isinstance(message, PauseHeard):
+            await self._prepare_reply(message.text)
+        elif isinstance(message, SpeechResumed):
+            await self._discard_prepared()
         elif isinstance(message, BargeInSpeech):
             await self.interrupt("barge_in")
         elif isinstance(message, SpeechIgnoredBlip):
+            await self._discard_prepared()
             await self.output.send_event(SpeechIgnored(speech_ms=message.speech_ms))
         elif isinstance(message, SpeechEnded):
             await self.output.send_event(SpeechStopped(turn_id=self._listening_turn))
@@ -356,8 +363,29 @@ class ConversationSession:
         elif isinstance(message, UserTurn):
             await self._on_user_turn(message)
 
+    async def _prepare_reply(self, heard: str) -> None:
+        """Preemptive reply: answer what the pause's transcript says while the end of the turn is awaited."""
+        responder = self.responder
+        assert responder is not None
+        if not self.settings.turns.preemptive_reply or responder.current is not None:
+            return  # one reply at a time: never while one is playing or another is prepared
+        # The id this turn gets when it ends, if nothing else takes one first (checked on commit).
+        responder.prepare(ReplyRequest(self._next_turn_id, time.monotonic(), text=heard))
+
+    async def _discard_prepared(self) -> None:
+        if self.responder is not None:
+            await self.responder.discard()
+
     async def _on_user_turn(self, turn: UserTurn) -> None:
         turn_id = self._transcribing_turns.popleft()
+        responder, listener = self.responder, self.listener
+        assert responder is not None and listener is not None
+        prepared = responder.prepared
+        if prepared is not None and not (
+            turn.error is None and prepared.turn_id == turn_id and same_words(prepared.heard or "", turn.transcript)
+        ):
+            await responder.discard()  # the user said something else: nothing of it was ever seen
+            prepared = None
         if turn.error is not None:
             await self.output.send_event(ErrorEvent(code="internal_error", message=turn.error, turn_id=turn_id))
             await self.state.set("listening")
@@ -369,14 +397,16 @@ class ConversationSession:
             await self.state.set("listening")
             await self.output.send_event(ResponseDone(turn_id=turn_id, status="empty", text=""))
             return
-        await self.interrupt("new_input")  # a typed message may have started a reply meanwhile
         request = ReplyRequest(turn_id, turn.speech_end_at, text=turn.transcript, marks={"asr_final": turn.transcribed_at})
-        assert self.responder is not None and self.listener is not None
-        if self.listener.user_holds_the_floor:
+        if listener.user_holds_the_floor:
             # Speech that started while this turn was transcribed continues it (docs/protocol.md, barge-in).
-            await self.responder.set_aside(request)
+            await responder.discard()
+            await responder.set_aside(request)
+        elif prepared is not None:
+            await responder.commit(request.started_at, request.marks)  # what it prepared goes out now
         else:
-            self.responder.start(request)
+            await self.interrupt("new_input")  # a typed message may have started a reply meanwhile
+            responder.start(request)
 
     async def _on_tick(self, tick: Tick) -> None:
         """The clock's sink: the reply's first audio sets its latency marks; then the tick goes out."""
@@ -389,7 +419,9 @@ class ConversationSession:
                 await self.state.set("speaking")
                 marks = reply.marks_ms()
                 logger.info("session %s turn %d latency %s", self.id, reply.turn_id, marks)
-                await self.output.send_event(Latency(turn_id=reply.turn_id, marks_ms=marks))
+                await self.output.send_event(
+                    Latency(turn_id=reply.turn_id, marks_ms=marks, preemptive=reply.preemptive or None)
+                )
         await self.output.send_tick(tick.index, tick.audio, tick.frame)
 
     async def _watch_limits(self) -> None:
@@ -405,7 +437,7 @@ class ConversationSession:
                 await self._end("idle_timeout", f"nobody spoke for {limits.idle_timeout_s:.0f} s; the session was closed")
                 return
 
-    async def _end(self, code: str, message: str) -> None:
+    async def _end(self, code: Literal["idle_timeout", "session_expired"], message: str) -> None:
         logger.info("session %s ending: %s", self.id, code)
         await self.output.send_event(ErrorEvent(code=code, message=message, fatal=True))
         if self.on_end is not None:

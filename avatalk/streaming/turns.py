@@ -2,7 +2,18 @@
 
 The detector is pure logic over 32 ms VAD windows, so it is cheap and
 deterministic to test. It owns all of its inputs: VAD windows through
-``push`` and what the recogniser heard through ``note_transcript``. Durations are counted in audio time (windows), not wall
+``push``, what the recogniser heard through ``note_transcript`` and, in
+semantic mode, the smart-turn model's verdict on a pause through
+``note_verdict``.
+
+End-of-turn silence:
+- semantic mode (the smart-turn model is loaded): after
+  ``semantic_silence_ms`` of silence the caller asks the model once per pause
+  (``verdict_due`` / ``request_verdict``); "complete" ends the turn at once,
+  "incomplete" waits up to ``semantic_max_silence_ms`` for more speech; a
+  failed verdict falls back to the silence rules below;
+- silence rules: ``end_silence_ms``, or ``sentence_end_silence_ms`` when the
+  latest transcript ends a sentence. Durations are counted in audio time (windows), not wall
 time; the caller passes the wall-clock time of each window so that latency
 marks refer to when the audio actually arrived.
 """
@@ -12,6 +23,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
+from typing import Literal
 
 import numpy as np
 
@@ -19,6 +31,8 @@ from avatalk.config import TurnSettings, VADSettings
 from avatalk.streaming.asr import ends_sentence
 
 WINDOW_MS = 32.0
+
+Verdict = Literal["unasked", "pending", "complete", "incomplete", "failed"]
 
 
 class TurnEventKind(str, Enum):
@@ -41,9 +55,11 @@ class TurnEvent:
 class TurnDetector:
     """Endpointing with hysteresis, pre-roll and a sentence-aware silence."""
 
-    def __init__(self, turns: TurnSettings, vad: VADSettings) -> None:
+    def __init__(self, turns: TurnSettings, vad: VADSettings, semantic: bool = False) -> None:
         self.turns = turns
         self.vad = vad
+        self.semantic = semantic
+        self._pause_id = 0
         self._preroll: deque[np.ndarray] = deque(maxlen=max(1, round(vad.preroll_ms / WINDOW_MS)))
         self._reset_utterance()
 
@@ -55,11 +71,17 @@ class TurnDetector:
         self._last_voiced_at = 0.0
         self._paused = False
         self._sentence_complete = False
+        self._verdict: Verdict = "unasked"  # the model's word on the current pause
 
     @property
     def speech_ms(self) -> float:
         """Voiced length of the current utterance."""
         return self._voiced_windows * WINDOW_MS
+
+    @property
+    def paused(self) -> bool:
+        """In an utterance, in silence since the last voiced window."""
+        return self.in_speech and self._paused
 
     @property
     def utterance_samples(self) -> int:
@@ -80,7 +102,38 @@ class TurnDetector:
         if self.in_speech and text:
             self._sentence_complete = ends_sentence(text)
 
+    @property
+    def verdict_due(self) -> bool:
+        """Semantic mode: this pause has lasted ``semantic_silence_ms`` and the model has not been asked yet."""
+        return (
+            self.semantic
+            and self._paused
+            and self._verdict == "unasked"
+            and self.silence_ms >= self.turns.semantic_silence_ms
+        )
+
+    def request_verdict(self) -> int:
+        """Mark the model as asked about this pause; returns the pause's id for ``note_verdict``."""
+        self._verdict = "pending"
+        return self._pause_id
+
+    def note_verdict(self, pause_id: int, complete: bool | None, now: float) -> TurnEvent | None:
+        """The model's verdict on pause ``pause_id`` (None: it failed); returns TURN_ENDED if that ends the turn now.
+
+        A verdict on an earlier pause (the user spoke again meanwhile) is ignored.
+        """
+        if not self._paused or pause_id != self._pause_id:
+            return None
+        self._verdict = "failed" if complete is None else "complete" if complete else "incomplete"
+        if self.silence_ms >= self._end_silence_ms():
+            return self._finish(now)
+        return None
+
     def _end_silence_ms(self) -> float:
+        if self.semantic and self._verdict != "failed":
+            if self._verdict == "complete":
+                return self.turns.semantic_silence_ms
+            return self.turns.semantic_max_silence_ms  # incomplete, or the verdict is still to come
         if self._sentence_complete:
             return min(self.turns.sentence_end_silence_ms, self.turns.end_silence_ms)
         return self.turns.end_silence_ms
@@ -115,6 +168,8 @@ class TurnDetector:
             self._silent_run += 1
             if not self._paused:
                 self._paused = True
+                self._pause_id += 1
+                self._verdict = "unasked"
                 events.append(TurnEvent(TurnEventKind.SPEECH_PAUSED, now, self.speech_ms))
 
         utterance_s = len(self._windows) * WINDOW_MS / 1000.0

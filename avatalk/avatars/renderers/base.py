@@ -25,8 +25,9 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
-from typing import Generic, TypeVar
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Generic, Literal, TypeVar
 
 import numpy as np
 
@@ -37,6 +38,62 @@ from avatalk.media.timebase import SAMPLES_PER_TICK
 
 class RendererUnavailable(NotImplementedError):
     """The renderer exists in the design but cannot run here (not built yet, or missing weights)."""
+
+
+#: Why a session is drawn by the fallback renderer instead of the configured one: the avatar has
+#: no latents yet, the GPU holds as many sessions as it can, the model did not load, the device failed.
+FallbackReason = Literal["no_latents", "gpu_full", "model_unavailable", "device_error"]
+
+
+class RendererCannotServe(RendererUnavailable):
+    """This renderer cannot take this session now (``open`` raises it); another renderer should.
+
+    Carries the ``reason`` the fallback reports, so the user and the metrics
+    learn why the mouth is drawn by the classic renderer.
+    """
+
+    def __init__(self, reason: FallbackReason, message: str) -> None:
+        super().__init__(message)
+        self.reason: FallbackReason = reason
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class RendererFallback:
+    """A session switched to the fallback renderer: why (a fixed code) and a sentence for people."""
+
+    reason: FallbackReason
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class RendererStatus:
+    """Whether a renderer can draw new sessions now, and if not, why (``/readyz``, ``avatalk doctor``)."""
+
+    name: str
+    live: bool
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class SpeechSegment:
+    """One segment of reply audio as the TTS produced it (a sentence or clause), placed on the tick grid.
+
+    ``start`` is the 16 kHz sample of the session's timeline where its first
+    sample plays (tick ``k`` starts at ``k * SAMPLES_PER_TICK``; a segment
+    queued right after another may start inside a tick); ``audio`` is all of
+    it, 16 kHz float32. Renderers whose frames depend on the whole utterance
+    (MuseTalk runs Whisper over each segment as the official pipeline runs
+    it over a clip) need the segment, not tick-sized slices.
+    """
+
+    start: int
+    audio: np.ndarray
+
+    @property
+    def stop(self) -> int:
+        """The sample after its last one."""
+        return self.start + len(self.audio)
 
 
 def output_shape_for(width: int, height: int, output_size: int) -> tuple[int, int]:
@@ -116,13 +173,14 @@ class RendererSession(ABC):
     must be a cheap lookup that is safe to call at any time, because a frame
     that is late is replaced by the idle frame on the event loop itself.
 
-    Renderers that need audio after a frame to draw it (MuseTalk's Whisper
-    window) set ``look_ahead_ticks`` above zero and implement ``look_ahead``;
-    the video stage then passes them the reply audio already queued.
+    Renderers that need more than a tick's audio to draw it (MuseTalk's
+    Whisper features of the whole segment) set ``uses_look_ahead`` and
+    implement ``look_ahead``; the video stage then passes them the reply
+    segments queued, before each speaking tick.
     """
 
-    #: How many ticks of queued audio after the current one ``look_ahead`` can use (0: none).
-    look_ahead_ticks: int = 0
+    #: Whether ``look_ahead`` wants the queued reply segments before each speaking tick.
+    uses_look_ahead: bool = False
 
     @property
     @abstractmethod
@@ -137,11 +195,14 @@ class RendererSession(ABC):
         frames): it is shown whenever no reply audio is queued or a frame is late.
         """
 
-    def look_ahead(self, tick: int, audio: np.ndarray) -> None:
-        """Reply audio from ``tick`` on (this tick's and up to ``look_ahead_ticks`` more), before ``render``.
+    def look_ahead(self, tick: int, segments: Sequence[SpeechSegment]) -> None:
+        """The reply segments queued when ``tick`` is about to be drawn (called right before ``render``).
 
-        The default ignores it: renderers that draw each frame from its own
-        tick of audio need nothing more.
+        ``segments`` are those of the current reply still (partly) to be
+        played, in order; one that was announced before and is missing now
+        was dropped (barge-in, a cleared queue). The default ignores them:
+        renderers that draw each frame from its own tick of audio need
+        nothing more.
         """
 
     @abstractmethod
@@ -158,6 +219,17 @@ class RendererSession(ABC):
     def reset(self) -> None:
         """Forget all audio history (barge-in): the mouth is closed again from the next frame on."""
 
+    def take_fallback(self) -> RendererFallback | None:
+        """The switch to a fallback renderer this session made since the last call, reported once; else None.
+
+        Safe to call from the event loop while a frame is drawn: the video
+        stage polls it to tell the user (a ``warning`` event) and the metrics.
+        """
+        return None
+
+    def close(self) -> None:
+        """The conversation ended: release what the session holds (a GPU slot). Idempotent."""
+
 
 class Renderer(ABC):
     """A lip-sync method, shared by every session of the server."""
@@ -170,5 +242,13 @@ class Renderer(ABC):
 
         Cheap once the avatar has been seen: per-avatar data is computed on
         the first call for that avatar and size, then cached on the renderer.
-        Safe to call from several threads.
+        Safe to call from several threads. Raises ``RendererCannotServe``
+        when this renderer cannot take the session now.
         """
+
+    def status(self) -> list[RendererStatus]:
+        """Each renderer behind this one and whether it is live (a plain renderer: itself, live)."""
+        return [RendererStatus(self.name, live=True)]
+
+    def close(self) -> None:
+        """Stop background work (worker threads); sessions still open get idle frames."""
