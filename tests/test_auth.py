@@ -11,7 +11,7 @@ import websockets
 
 from avatalk.client import AvatalkClient
 from avatalk.config import Settings
-from avatalk.server.auth import AuthError, Authenticator, Principal, RateLimiter, check_exposure, hash_key
+from avatalk.server.auth import AuthError, Authenticator, Principal, RateLimiter, Slot, check_exposure, hash_key
 
 KEY = "site-backend-key-0123456789"
 OTHER_KEY = "another-key-abcdefghijklmnop"
@@ -136,15 +136,41 @@ async def test_tokens_minted_by_a_key_open_a_websocket(server):
         await client.close()
 
 
-async def test_job_creation_is_rate_limited(server):
+def test_rate_limiter_gives_back_the_slot_of_a_refused_request():
+    limiter = RateLimiter(1)
+    slot = limiter.take("a")
+    assert isinstance(slot, Slot)
+    assert isinstance(limiter.take("a"), float)  # the one slot is taken: seconds to wait
+    limiter.give_back(slot)
+    assert isinstance(limiter.take("a"), Slot)
+
+
+async def test_only_accepted_jobs_count_toward_the_job_rate_limit(server):
+    """jobs_per_minute is 2: refused requests (404, 415, 422) cost nothing; the third accepted job is 429."""
     headers = {"X-API-Key": OTHER_KEY}
-    async with httpx.AsyncClient(base_url=server.base_url, headers=headers) as http:
-        statuses = []
+    async with httpx.AsyncClient(base_url=server.base_url, headers=headers, timeout=60) as http:
+        refused = []
         for _ in range(3):
-            response = await http.post("/v1/renders", json={"avatar": "nobody", "text": "hi"})
-            statuses.append(response.status_code)
-        assert statuses[:2] == [404, 404] and statuses[2] == 429
+            refused.append((await http.post("/v1/renders", json={"avatar": "nobody", "text": "hi"})).status_code)
+            refused.append((await http.post("/v1/renders", json={"avatar": "ava", "text": "hi", "size": 101})).status_code)
+            not_media = await http.post(
+                "/v1/avatars", data={"id": "notes"}, files={"file": ("notes.txt", b"just some text " * 20, "text/plain")}
+            )
+            refused.append(not_media.status_code)
+        assert refused == [404, 422, 415] * 3
+        accepted = [
+            (await http.post("/v1/renders", json={"avatar": "ava", "text": "Hi.", "size": 64})).status_code
+            for _ in range(2)
+        ]
+        assert accepted == [202, 202]
+        response = await http.post("/v1/renders", json={"avatar": "ava", "text": "Hi.", "size": 64})
+        assert response.status_code == 429
         assert "limit" in response.json()["detail"] and response.headers["retry-after"]
+        # Another key has its own window.
+        other = await http.post(
+            "/v1/renders", json={"avatar": "ava", "text": "Hi.", "size": 64}, headers={"X-API-Key": KEY}
+        )
+        assert other.status_code == 202
 
 
 async def test_cors_allow_list(server):
