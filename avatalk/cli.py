@@ -21,12 +21,10 @@ def serve(
     host: str | None = typer.Option(None, help="bind address (default: settings, AVATALK_HOST)"),
     port: int | None = typer.Option(None, help="port (default: settings, AVATALK_PORT)"),
 ) -> None:
-    """Load the models and serve the API and the WebSocket."""
-    import uvicorn
-
+    """Load the models and serve the API and the WebSocket; SIGTERM drains the sessions, then stops."""
     from avatalk.logs import configure_logging
-    from avatalk.server.app import create_app
     from avatalk.server.auth import check_exposure
+    from avatalk.server.node import serve as serve_node
 
     settings = Settings()
     if host is not None:
@@ -39,17 +37,7 @@ def serve(
     except RuntimeError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(2)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        ws="websockets-sansio",
-        ws_max_size=settings.limits.max_ws_message_bytes,
-        timeout_graceful_shutdown=int(settings.limits.drain_s) + 5,
-        log_level=settings.log_level.lower(),
-        log_config=None,  # keep the handlers configure_logging installed
-    )
+    serve_node(settings)
 
 
 @app.command()

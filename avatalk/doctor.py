@@ -259,15 +259,32 @@ def check_face_models(settings: Settings) -> Passed:
 
 
 def check_renderer(settings: Settings) -> Passed:
-    """The lip-sync renderer builds (for musetalk: its libraries and weights load)."""
+    """The lip-sync renderer builds (for musetalk: its libraries and weights load); says which renderers are live.
+
+    A configured renderer that is not live fails the check although the
+    server would still serve (its sessions fall back to classic): the
+    operator asked for something they would not get.
+    """
     from avatalk.avatars.renderers import create_renderer
 
     name = settings.avatars.renderer
     try:
-        create_renderer(name)
-    except (NotImplementedError, ValueError) as error:
+        renderer = create_renderer(name, settings.musetalk)
+    except ValueError as error:
         raise CheckError(str(error), "set AVATALK_AVATARS__RENDERER=classic (CPU)") from None
-    return Passed(name)
+    try:
+        statuses = renderer.status()
+    finally:
+        renderer.close()
+    live = ", ".join(status.name for status in statuses if status.live)
+    down = [status for status in statuses if not status.live]
+    if down:
+        reasons = "; ".join(f"{status.name} is not live: {status.reason}" for status in down)
+        raise CheckError(
+            f"{reasons}; sessions are drawn by {live}",
+            "fix the cause above, or set AVATALK_AVATARS__RENDERER=classic (CPU) to ask for what you get",
+        )
+    return Passed(f"{name}; live: {live}")
 
 
 def check_musetalk_weights(settings: Settings) -> Passed:

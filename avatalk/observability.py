@@ -34,6 +34,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from avatalk.avatars.renderers.base import FallbackReason
 from avatalk.jobs import ACTIVE_STATES
 from avatalk.media.timebase import TICK_S
 from avatalk.streaming.events import (
@@ -45,6 +46,7 @@ from avatalk.streaming.events import (
     ResponseInterrupted,
     ServerEvent,
     TurnStatus,
+    WarningEvent,
 )
 
 if TYPE_CHECKING:
@@ -55,6 +57,8 @@ if TYPE_CHECKING:
 LATENCY_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0)
 TURN_STATUSES: tuple[TurnStatus, ...] = get_args(TurnStatus)
 INTERRUPT_REASONS: tuple[InterruptReason, ...] = get_args(InterruptReason)
+#: Why a session's frames were drawn by the classic renderer instead of the configured one.
+FALLBACK_REASONS: tuple[FallbackReason, ...] = get_args(FallbackReason)
 TRANSPORTS = ("ws", "webrtc")
 #: A frame that reaches the client more than one tick after its due time has missed its slot.
 LATE_FRAME_S = TICK_S
@@ -147,6 +151,12 @@ class Metrics:
             registry=self.registry,
         )
         self.frames = Counter("avatalk_frames", "Video frames sent, idle or speaking", ["kind"], registry=self.registry)
+        self.renderer_fallbacks = Counter(
+            "avatalk_renderer_fallbacks",
+            "Sessions whose frames the classic renderer drew instead of the configured one, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
         self.late_frames = Counter(
             "avatalk_late_frames", "Video frames sent more than one tick after their due time", registry=self.registry
         )
@@ -166,6 +176,8 @@ class Metrics:
             self.barge_ins.labels(reason)
         for kind in ("idle", "speaking"):
             self.frames.labels(kind)
+        for fallback in FALLBACK_REASONS:
+            self.renderer_fallbacks.labels(fallback)
 
     def track_app(self, server: ScrapedServer) -> None:
         """Read sessions and jobs from ``server`` when scraped."""
@@ -191,6 +203,8 @@ class Metrics:
             self.record_error(event.code)
         elif isinstance(event, ResponseInterrupted):
             self.barge_ins.labels(event.reason).inc()
+        elif isinstance(event, WarningEvent) and event.code == "renderer_fallback" and event.reason is not None:
+            self.renderer_fallbacks.labels(event.reason).inc()
         elif isinstance(event, Latency):
             marks = event.marks_ms
             # Only LLM replies: a greeting's marks count from when it was triggered, not from user input.

@@ -104,12 +104,19 @@ async def test_every_frame_is_paired_with_exactly_its_audio():
     assert all(tick.audio is None and tick.frame is None for tick in received[len(speaking) :])
 
 
-async def test_peek_shows_the_coming_render_audio_without_consuming_it():
+async def test_queued_render_audio_places_each_segment_where_next_tick_plays_it():
     clock = MediaClock(24000)
-    await clock.enqueue(1, np.arange(2400) / 24000.0, np.arange(1600) / 16000.0)  # 100 ms = 2.5 ticks
-    await clock.enqueue(2, np.ones(960), np.ones(640))  # another turn: never peeked into
-    peeked = clock.peek_render_audio(10)
-    assert len(peeked) == 3 * 640
-    taken = np.concatenate([clock.next_tick().render_audio for _ in range(3)])
-    np.testing.assert_array_equal(peeked, taken)
-    assert clock.next_tick().turn_id == 2
+    first, second = np.arange(1, 2401) / 24000.0, np.arange(1, 1201) / 24000.0
+    await clock.enqueue(1, first, (np.arange(1, 1601) / 16000.0).astype(np.float32))  # 100 ms = 2.5 ticks
+    await clock.enqueue(1, second, (np.arange(1, 801) / 16000.0 + 1).astype(np.float32))  # starts inside tick 2
+    await clock.enqueue(2, np.ones(960), np.ones(640))  # another turn: never listed with this one
+    queued = clock.queued_render_audio()
+    assert [start for start, _ in queued] == [0, 1600] and len(queued[1][1]) == 800
+    ticks = [clock.next_tick() for _ in range(4)]
+    played = np.concatenate([tick.render_audio for tick in ticks])
+    for start, audio in queued:  # each segment's audio is exactly where the ticks carry it
+        np.testing.assert_array_equal(played[start : start + len(audio)], audio)
+    # All of turn 1 was taken (its last tick ends early); turn 2 starts on the next tick.
+    assert [start for start, _ in clock.queued_render_audio()] == [4 * 640]
+    clock.next_tick()
+    assert clock.queued_render_audio() == []

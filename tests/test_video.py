@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import numpy as np
 from stage_fakes import Collector, FakeRendererSession
 
+from avatalk.avatars.renderers import SpeechSegment
 from avatalk.executors import Executors
 from avatalk.streaming.clock import MediaClock
 from avatalk.streaming.events import WarningEvent
@@ -58,20 +60,21 @@ async def test_reset_reaches_the_renderer_before_its_next_frame() -> None:
     assert renderer.resets == 1
 
 
-async def test_look_ahead_gets_the_queued_audio_after_the_tick() -> None:
+async def test_look_ahead_gets_the_queued_segments_placed_on_the_timeline() -> None:
     class LookingRenderer(FakeRendererSession):
-        look_ahead_ticks = 5
+        uses_look_ahead = True
 
         def __init__(self) -> None:
             super().__init__()
-            self.seen: list[int] = []
+            self.seen: list[list[tuple[int, int]]] = []
 
-        def look_ahead(self, tick: int, audio: np.ndarray) -> None:
-            self.seen.append(len(audio))
+        def look_ahead(self, tick: int, segments: Sequence[SpeechSegment]) -> None:
+            self.seen.append([(segment.start, len(segment.audio)) for segment in segments])
 
     clock, renderer = MediaClock(16000), LookingRenderer()
     video = VideoStage(renderer, clock, Executors.create().render, Collector().send_event)
     await clock.enqueue(1, np.full(3200, 0.2, np.float32), np.full(3200, 0.2, np.float32))  # 5 ticks
+    await clock.enqueue(1, np.full(1000, 0.2, np.float32), np.full(1000, 0.2, np.float32))  # the next sentence
     await video.prepare(clock.next_tick())
     await asyncio.sleep(0)
-    assert renderer.seen == [640 + 4 * 640]  # this tick and the 4 still queued
+    assert renderer.seen == [[(0, 3200), (3200, 1000)]]  # both whole, the first one partly played

@@ -32,7 +32,7 @@ import numpy as np
 
 from avatalk.avatars import landmarks as mesh
 from avatalk.avatars.landmarks import FaceLandmarker, FaceResult
-from avatalk.avatars.prepare import write_avatar
+from avatalk.avatars.prepare import AvatarPreparationError, write_avatar
 from avatalk.avatars.store import AvatarManifest, AvatarNotFound, AvatarStore, SourceInfo
 from avatalk.media.timebase import FPS
 
@@ -693,4 +693,16 @@ def ensure_default_avatar(
             "generator_version": GENERATOR_VERSION,
         }
     )
-    return write_avatar(frames, points, avatar_id, display_name, Path(out_root), source=source, fps=fps, overwrite=True)
+    try:
+        return write_avatar(
+            frames, points, avatar_id, display_name, Path(out_root), source=source, fps=fps, overwrite=True
+        )
+    except (AvatarPreparationError, OSError) as error:
+        # Several nodes starting at once on one shared folder: another one put it in place first.
+        try:
+            manifest = store.get(avatar_id)
+        except AvatarNotFound:
+            raise error from None
+        if (manifest.source.model_extra or {}).get("generator_version") != GENERATOR_VERSION:
+            raise
+        return manifest

@@ -132,6 +132,16 @@ class JobRunner:
         self._watch: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._stopping = False
+        self._taking = True
+
+    def stop_taking(self) -> None:
+        """Take no more jobs from the queue (a node draining before it stops); running ones go on.
+
+        Other nodes take the queued jobs meanwhile; ``stop`` then puts what is
+        still running back in the queue.
+        """
+        self._taking = False
+        self._work_queued.set()
 
     async def start(self) -> None:
         """Start the workers (they take the jobs already queued, oldest first)."""
@@ -245,6 +255,9 @@ class JobRunner:
         kinds = tuple(self._handlers)
         while not self._stopping:
             self._work_queued.clear()
+            if not self._taking:
+                await self._work_queued.wait()  # until stop
+                continue
             try:
                 job = await loop.run_in_executor(self._executor, self.store.claim, kinds)
             except Exception:  # the database is away for a moment: try again at the next poll

@@ -1,4 +1,11 @@
-"""FastAPI application factory: the app's services, lifespan (load models once), health and the routes."""
+"""FastAPI application factory: the app's services, lifespan (load models once), health and the routes.
+
+Health for load balancers: ``/healthz`` (the process answers), ``/readyz``
+(this node takes a new session now; see ``avatalk.server.node``) and, with
+``cluster.agent_port``, HAProxy's agent-check port. The lifespan's shutdown
+drains the sessions (``node.drain``) when nothing drained them before;
+``avatalk serve`` drains on SIGTERM before uvicorn closes any socket.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ from avatalk.observability import setup_metrics
 from avatalk.server.auth import AuthMiddleware, RateLimiter, check_exposure
 from avatalk.server.avatars_api import router as avatars_router
 from avatalk.server.avatars_api import setup_avatars, shutdown_avatars
+from avatalk.server.node import AgentServer, drain, readiness
 from avatalk.server.renders_api import router as renders_router
 from avatalk.server.services import Services
 from avatalk.server.tokens_api import router as tokens_router
@@ -39,8 +47,12 @@ def create_app(settings: Settings, models: EngineModels | None = None) -> FastAP
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = models is None
         set_host_addresses(settings.webrtc.host_addresses)
+        agent = AgentServer(svc)
         await setup_avatars(app, settings)
         try:
+            if settings.cluster.agent_port is not None:
+                # Up before the models: the balancer hears "down, loading" instead of nothing.
+                await agent.start(settings.host, settings.cluster.agent_port)
             svc.models = models
             if owned:
                 loaded = await asyncio.to_thread(EngineModels.load, settings)
@@ -49,8 +61,9 @@ def create_app(settings: Settings, models: EngineModels | None = None) -> FastAP
             logger.info("avatalk %s ready on %s:%d", __version__, settings.host, settings.port)
             yield
         finally:
-            await svc.sessions.close_all(settings.limits.drain_s)
+            await drain(app)
             await close_all_calls(svc.webrtc_calls)
+            await agent.stop()
             await shutdown_avatars(app)
             if owned and svc.models is not None:
                 await svc.models.aclose()
@@ -80,15 +93,17 @@ def create_app(settings: Settings, models: EngineModels | None = None) -> FastAP
 
     @app.get("/readyz", tags=["health"])
     async def readyz() -> JSONResponse:
-        """Readiness: models loaded and a session slot free."""
-        sessions = svc.sessions
-        ready = svc.models is not None
-        body = {
-            "status": "ready" if ready else "loading",
-            "sessions": sessions.active,
-            "max_sessions": sessions.capacity,
-        }
-        return JSONResponse(body, status_code=200 if ready else 503)
+        """Readiness for a new session: 200 "ready"; 503 "loading" (models), "draining" (shutting down)
+        or "full" (at ``limits.max_sessions``). A load balancer sends new sessions only to ready nodes;
+        the sessions of a node that is full or draining go on. ``renderers`` says which renderers draw
+        new sessions (a configured MuseTalk that is not live falls back to classic, with the reason)."""
+        state = readiness(svc)
+        body = state.body()
+        if svc.models is not None and svc.models.renderer is not None:
+            body["renderers"] = {
+                status.name: {"live": status.live, "reason": status.reason} for status in svc.models.renderer.status()
+            }
+        return JSONResponse(body, status_code=200 if state.ready else 503)
 
     app.include_router(websocket_router)
     app.include_router(avatars_router)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from avatalk.avatars.store import (
     validate_avatar_id,
 )
 from avatalk.config import Settings
-from avatalk.jobs import Job, JobConflict, JobNotFound, JobRunner, JobState, QueueFull, SQLiteJobStore
+from avatalk.jobs import Job, JobConflict, JobNotFound, JobRunner, JobState, QueueFull, open_job_store
 from avatalk.media.sniff import MediaType, sniff_file, sniff_media
 from avatalk.server.services import services
 from avatalk.server.uploads import receive_form, remove_orphan_uploads, unprocessable, upload_folder
@@ -201,7 +202,10 @@ async def setup_avatars(app: FastAPI, settings: Settings) -> None:
     svc = services(app)
     avatar_store = await asyncio.to_thread(AvatarStore, root)
     svc.avatar_store = avatar_store
-    store = await asyncio.to_thread(SQLiteJobStore, settings.data_dir / "jobs.sqlite3")
+    node = settings.cluster.node_id or socket.gethostname()
+    store = await asyncio.to_thread(
+        open_job_store, settings.jobs.database_url, settings.data_dir / "jobs.sqlite3", node=node
+    )
     try:
         await asyncio.to_thread(remove_orphan_uploads, settings, store)
         runner = JobRunner(
@@ -213,6 +217,8 @@ async def setup_avatars(app: FastAPI, settings: Settings) -> None:
                 ),
             },
             workers=settings.avatars.preparation_workers,
+            poll_s=settings.jobs.poll_s,
+            node=node,
         )
         await runner.start()
     except BaseException:

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import re
 import shutil
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -76,17 +77,32 @@ async def upload_folder(settings: Settings) -> AsyncIterator[Path]:
         raise
 
 
+#: With a shared store, uploads younger than this may be transfers in progress on another node.
+SHARED_UPLOAD_GRACE_S = 3600.0
+
+
 def remove_orphan_uploads(settings: Settings, store: JobStore) -> None:
-    """Delete uploads left by a previous process: cut-off transfers and inputs of jobs that ended. Blocking."""
+    """Delete uploads left by a previous process: cut-off transfers and inputs of jobs that ended. Blocking.
+
+    With a store several nodes share (one data folder for all), the other
+    nodes are alive: their running jobs' inputs and their uploads still
+    arriving (younger than ``SHARED_UPLOAD_GRACE_S``) are kept.
+    """
     folder = uploads_dir(settings)
     if not folder.is_dir():
         return
+    states = [JobState.QUEUED, JobState.RUNNING] if store.shared else [JobState.QUEUED]
     needed = {
-        Path(job.params["cleanup"])
-        for job in store.list(limit=None, states=[JobState.QUEUED])
-        if job.params.get("cleanup")
+        Path(job.params["cleanup"]) for job in store.list(limit=None, states=states) if job.params.get("cleanup")
     }
+    now = time.time()
     for entry in folder.iterdir():
+        if store.shared:
+            try:
+                if now - entry.stat().st_mtime < SHARED_UPLOAD_GRACE_S:
+                    continue
+            except FileNotFoundError:
+                continue
         if entry not in needed:
             logger.info("removing leftover upload %s", entry)
             if entry.is_dir():

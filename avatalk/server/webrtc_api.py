@@ -154,6 +154,7 @@ async def webrtc_offer(body: OfferIn, request: Request) -> AnswerOut:
 
     calls[session.id] = call
     session.on_end = lambda: hang_up("session limit reached")
+    svc.sessions.set_hang_up(session.id, lambda: hang_up("server shutdown"))
 
     async def connect_deadline() -> None:
         await asyncio.sleep(settings.webrtc.connect_timeout_s)

@@ -66,6 +66,7 @@ quiet_client_utf8_errors()
 
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_POLICY = 1008
+CLOSE_SERVICE_RESTART = 1012  # the server is shutting down (after the drain)
 ENCODE_BUDGET_S = 0.020  # longest a tick waits for its JPEG before repeating the previous picture
 _SEND_ERRORS = (WebSocketDisconnect, RuntimeError, OSError)  # what sending to a client that is gone raises
 
@@ -153,7 +154,13 @@ async def conversation(websocket: WebSocket) -> None:
         with contextlib.suppress(RuntimeError, OSError):
             await websocket.close(CLOSE_POLICY, "session limit reached")
 
+    async def shut_down() -> None:  # after the drain: the server_shutdown event went out, the reply finished
+        output.open = False
+        with contextlib.suppress(RuntimeError, OSError):
+            await websocket.close(CLOSE_SERVICE_RESTART, "server shutting down")
+
     session.on_end = end
+    services(websocket).sessions.set_hang_up(session.id, shut_down)
     await output.send_event(SessionCreated(session=session.describe()))
     try:
         await _serve(websocket, session, output, settings)

@@ -76,6 +76,11 @@ class MediaClock:
         self.started_at: float | None = None
 
     @property
+    def queued_seconds(self) -> float:
+        """Reply audio waiting to be played (a render session's client is told when it sends too far ahead)."""
+        return self._queued_samples / self.sample_rate
+
+    @property
     def busy(self) -> bool:
         """True while reply audio is waiting to be played."""
         return bool(self._segments)
@@ -149,40 +154,32 @@ class MediaClock:
             self._idle.set()
         return Tick(index, out, turn_id, render_out)
 
-    def peek_render_audio(self, max_ticks: int) -> np.ndarray:
-        """The 16 kHz audio the next ``max_ticks`` ticks will carry (current turn only), not consumed.
+    def queued_render_audio(self) -> list[tuple[int, np.ndarray]]:
+        """Each queued segment of the current turn that has 16 kHz audio: ``(start, audio)``, not consumed.
 
-        Lets a renderer that needs audio context after a frame (MuseTalk's
-        Whisper window) generate frames ahead of playback.
+        ``start`` is the 16 kHz sample of the output timeline where the
+        segment's first sample plays (tick k starts at ``k * 640``; the
+        first segment may have started already), placed exactly as
+        ``next_tick`` will place it; ``audio`` is all of it. Lets a renderer
+        whose frames depend on a whole utterance (MuseTalk's Whisper
+        features of each TTS segment) prepare them before they play.
         """
-        out = np.zeros(max_ticks * RENDER_SAMPLES_PER_TICK, np.float32)
+        out: list[tuple[int, np.ndarray]] = []
         if not self._segments:
-            return out[:0]
+            return out
         turn_id = self._segments[0].turn_id
-        offsets: dict[int, int] = {}
-        index = ticks = 0
-        while ticks < max_ticks and index < len(self._segments) and self._segments[index].turn_id == turn_id:
-            filled, base = 0, ticks * RENDER_SAMPLES_PER_TICK
-            while (
-                filled < self.samples_per_tick
-                and index < len(self._segments)
-                and self._segments[index].turn_id == turn_id
-            ):
-                segment = self._segments[index]
-                offset = offsets.get(index, segment.offset)
-                take = min(self.samples_per_tick - filled, len(segment.samples) - offset)
-                if segment.render_samples is not None:
-                    scale = len(segment.render_samples) / len(segment.samples)
-                    piece = segment.render_samples[round(offset * scale) : round((offset + take) * scale)]
-                    at = round(filled * RENDER_SAMPLES_PER_TICK / self.samples_per_tick)
-                    piece = piece[: RENDER_SAMPLES_PER_TICK - at]
-                    out[base + at : base + at + len(piece)] = piece
-                offsets[index] = offset + take
-                filled += take
-                if offsets[index] >= len(segment.samples):
-                    index += 1
-            ticks += 1
-        return out[: ticks * RENDER_SAMPLES_PER_TICK]
+        # A segment still queued after a tick was taken filled that tick to its end, so the
+        # head began `offset` samples before the next tick; the others follow it seamlessly.
+        position = self.index * self.samples_per_tick - self._segments[0].offset
+        for segment in self._segments:
+            if segment.turn_id != turn_id:
+                break
+            if segment.render_samples is not None:
+                tick, within = divmod(position, self.samples_per_tick)
+                at = round(within * RENDER_SAMPLES_PER_TICK / self.samples_per_tick)
+                out.append((tick * RENDER_SAMPLES_PER_TICK + at, segment.render_samples))
+            position += len(segment.samples)
+        return out
 
     async def run(
         self,

@@ -34,6 +34,10 @@ ErrorCode = Literal[
     "not_configured",  # typed text before the first successful session.update
     "text_too_long",  # typed text over limits.max_text_input_chars
     "no_response",  # response.cancel with no reply in progress
+    "wrong_mode",  # an event of the other session mode (typed text in a render session, a commit of reply audio in a conversation)
+    # Render-only sessions (session.update "mode": "render").
+    "render_buffer_full",  # reply audio beyond limits.render_buffer_s ahead of playback: that frame was not queued
+    "no_utterance",  # output_audio_buffer.commit with no reply audio sent since the last commit or clear
     # A reply failed (turn_id set; the turn ends with response.done status "failed").
     "llm_error",
     "tts_error",
@@ -46,7 +50,7 @@ ErrorCode = Literal[
     "server_shutdown",
 ]
 #: Every ``warning`` code.
-WarningCode = Literal["renderer_behind"]
+WarningCode = Literal["renderer_behind", "renderer_fallback", "render_buffer_high"]
 
 #: The latency marks of a turn, in the order they happen (milliseconds after end of user speech or text receipt).
 LATENCY_MARKS = ("asr_final", "llm_first_token", "first_sentence", "tts_first_audio", "first_audio", "first_frame")
@@ -71,6 +75,7 @@ class SessionDescription(BaseModel):
     video_size: list[int] | None  # [width, height]
     persona: dict[str, Any]
     turn_detection: dict[str, Any]
+    mode: Literal["conversation", "render"] = "conversation"
 
 
 class SessionCreated(ServerEvent):
@@ -168,6 +173,33 @@ class WarningEvent(ServerEvent):
     code: WarningCode
     message: str
     late_frames: int | None = None
+    #: renderer_fallback only: no_latents, gpu_full, model_unavailable or device_error.
+    reason: str | None = None
+
+
+class OutputAudioStarted(ServerEvent):
+    """Render sessions: the utterance's first audio (and lip-synced frame) went out at ``start_tick``."""
+
+    type: Literal["output_audio_buffer.started"] = "output_audio_buffer.started"
+    utterance_id: int
+    start_tick: int
+
+
+class OutputAudioStopped(ServerEvent):
+    """Render sessions: the committed utterance played ticks ``[start_tick, end_tick)`` and is over."""
+
+    type: Literal["output_audio_buffer.stopped"] = "output_audio_buffer.stopped"
+    utterance_id: int
+    start_tick: int
+    end_tick: int
+
+
+class OutputAudioCleared(ServerEvent):
+    """Render sessions: ``output_audio_buffer.clear`` dropped these utterances and ticks of queued audio."""
+
+    type: Literal["output_audio_buffer.cleared"] = "output_audio_buffer.cleared"
+    utterance_ids: list[int]
+    dropped_ticks: int
 
 
 AnyServerEvent = Annotated[
@@ -185,6 +217,9 @@ AnyServerEvent = Annotated[
     | Latency
     | ResponseInterrupted
     | ResponseDone
+    | OutputAudioStarted
+    | OutputAudioStopped
+    | OutputAudioCleared
     | ErrorEvent
     | WarningEvent,
     Field(discriminator="type"),

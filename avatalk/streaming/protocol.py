@@ -48,11 +48,17 @@ class PersonaOptions(BaseModel):
     language: str | None = Field(None, max_length=16)
 
 
+SessionMode = Literal["conversation", "render"]
+
+
 class SessionOptions(BaseModel):
     """What a client may set with ``session.update``; every field optional after the first."""
 
     model_config = ConfigDict(extra="forbid")
 
+    mode: SessionMode | None = Field(
+        None, description="conversation (default), or render: the client sends reply audio and gets frames back"
+    )
     input_sample_rate: int | None = None
     output_sample_rate: int | None = None
     persona: PersonaOptions | None = None
@@ -98,12 +104,36 @@ class AudioCommit(BaseModel):
     type: Literal["input_audio_buffer.commit"]
 
 
-ClientEvent = Annotated[SessionUpdate | TextInput | ResponseCancel | AudioCommit, Field(discriminator="type")]
+class OutputAudioCommit(BaseModel):
+    """Render sessions: the reply audio sent since the last commit is one complete utterance."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["output_audio_buffer.commit"]
+
+
+class OutputAudioClear(BaseModel):
+    """Render sessions: drop all queued reply audio now (the agent was interrupted)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["output_audio_buffer.clear"]
+
+
+ClientEvent = Annotated[
+    SessionUpdate | TextInput | ResponseCancel | AudioCommit | OutputAudioCommit | OutputAudioClear,
+    Field(discriminator="type"),
+]
 _client_event = TypeAdapter(ClientEvent)
-CLIENT_EVENT_TYPES = ("session.update", "conversation.item.create", "response.cancel", "input_audio_buffer.commit")
+CLIENT_EVENT_TYPES = (
+    "session.update",
+    "conversation.item.create",
+    "response.cancel",
+    "input_audio_buffer.commit",
+    "output_audio_buffer.commit",
+    "output_audio_buffer.clear",
+)
 
 
-def parse_client_event(text: str) -> SessionUpdate | TextInput | ResponseCancel | AudioCommit:
+def parse_client_event(text: str) -> ClientEvent:
     """Decode one text frame, raising ProtocolError with a precise reason.
 
     The checks run in the order docs/protocol.md states: JSON (``invalid_json``),

@@ -59,14 +59,18 @@ from avatalk.streaming.models import EngineModels
 from avatalk.streaming.protocol import (
     AudioCommit,
     ClientEvent,
+    OutputAudioClear,
+    OutputAudioCommit,
     PersonaOptions,
     ProtocolError,
     ResponseCancel,
+    SessionMode,
     SessionOptions,
     SessionUpdate,
     TextInput,
     check_sample_rate,
 )
+from avatalk.streaming.render_feed import RenderFeed
 from avatalk.streaming.responder import ReplyRequest, Responder
 from avatalk.streaming.stage import ConversationState, TaskSet
 from avatalk.streaming.turns import TurnDetector
@@ -112,6 +116,8 @@ class ConversationSession:
         self.video: VideoStage | None = None
         self.listener: Listener | None = None
         self.responder: Responder | None = None
+        self.mode: SessionMode = "conversation"
+        self.render_feed: RenderFeed | None = None  # render mode: the client's reply audio
         self.state = ConversationState(self.output.send_event)
         self.memory = DialogueMemory(
             system_prompt=self.persona.system_prompt,
@@ -144,6 +150,7 @@ class ConversationSession:
             video_size=list(renderer.output_shape[::-1]) if renderer is not None else None,
             persona=self.persona.model_dump(),
             turn_detection=self.settings.turns.model_dump(),
+            mode=self.mode,
         )
 
     async def configure(self, options: SessionOptions) -> None:
@@ -155,10 +162,12 @@ class ConversationSession:
                 options.output_sample_rate or DEFAULT_OUTPUT_SAMPLE_RATE, "output_sample_rate"
             )
             clock = MediaClock(output_rate)
+            self.mode = options.mode or "conversation"
             if options.video or options.avatar is not None:
                 self.video = await self._open_video(options.avatar, options.video_size, clock)
         else:
             current = {
+                "mode": self.mode,
                 "input_sample_rate": self.input_sample_rate,
                 "output_sample_rate": self.output_sample_rate,
                 "avatar": self.avatar_id,
@@ -175,7 +184,7 @@ class ConversationSession:
             self.input_sample_rate, self.output_sample_rate, self.clock = input_rate, output_rate, clock
             self._start_stages(input_rate, clock)
         await self.output.send_event(SessionUpdated(session=self.describe()))
-        if first:
+        if first and self.mode == "conversation":
             await self.state.set("listening")
             if options.greeting if options.greeting is not None else True:
                 self.greet()
@@ -189,6 +198,17 @@ class ConversationSession:
         """Act on one decoded client event (any transport); raises ProtocolError."""
         if isinstance(event, SessionUpdate):
             await self.configure(event.session)
+        elif isinstance(event, OutputAudioCommit | OutputAudioClear):
+            if self.render_feed is None:
+                raise ProtocolError("wrong_mode", f"{event.type} is for render sessions (session.update mode 'render')")
+            if isinstance(event, OutputAudioClear):
+                if self.video is not None:
+                    self.video.reset()
+                await self.render_feed.clear()
+            else:
+                await self.render_feed.commit()
+        elif self.mode == "render":
+            raise ProtocolError("wrong_mode", f"{event.type} is for conversation sessions, not render sessions")
         elif isinstance(event, TextInput):
             await self.send_text(event.text)
         elif isinstance(event, ResponseCancel):
@@ -199,14 +219,22 @@ class ConversationSession:
                 await self.listener.commit()
 
     async def push_audio(self, data: bytes) -> None:
-        """Queue one binary frame of client audio (waits when the session is behind)."""
-        if self.listener is None:
+        """Queue one binary frame of client audio (waits when the session is behind).
+
+        Microphone audio in a conversation; the reply audio to lip-sync in a render session.
+        """
+        if len(data) % 2 == 0 and self.render_feed is not None:
+            self._last_activity = time.monotonic()
+            await self.render_feed.push(data)
+            return
+        if self.listener is None and self.render_feed is None:
             raise ProtocolError(
                 "audio_before_configuration",
                 "send session.update with input_sample_rate before any audio; this frame was dropped",
             )
         if len(data) % 2:
             raise ProtocolError("invalid_audio", "audio frames must be PCM16 (an even number of bytes)")
+        assert self.listener is not None
         await self.listener.push(data)
 
     async def send_text(self, text: str) -> None:
@@ -256,6 +284,19 @@ class ConversationSession:
     def _start_stages(self, input_rate: int, clock: MediaClock) -> None:
         models, settings, executors = self.models, self.settings, self.models.executors
         queue_size = settings.limits.queue_chunks
+        prepare = self.video.prepare if self.video else None
+        self._tasks.spawn(self._watch_limits(), "limits")
+        if self.mode == "render":
+            self.render_feed = RenderFeed(
+                clock=clock,
+                input_sample_rate=input_rate,
+                emit=self.output.send_event,
+                executor=executors.tts,
+                with_render_audio=self.video is not None,
+                max_buffer_s=settings.limits.render_buffer_s,
+            )
+            self._tasks.spawn(clock.run(self._on_tick, prepare), "clock")
+            return
         self.listener = Listener(
             input_sample_rate=input_rate,
             vad=models.vad.stream(),
@@ -286,8 +327,7 @@ class ConversationSession:
         )
         self._tasks.spawn(self.listener.run(), "listener")
         self._tasks.spawn(self._follow_listener(self.listener), "turns")
-        self._tasks.spawn(self._watch_limits(), "limits")
-        self._tasks.spawn(clock.run(self._on_tick, self.video.prepare if self.video else None), "clock")
+        self._tasks.spawn(clock.run(self._on_tick, prepare), "clock")
 
     async def _open_video(self, avatar_id: str | None, size: int | None, clock: MediaClock) -> VideoStage:
         """Load the avatar and open a renderer session (blocking work off the event loop)."""
@@ -326,7 +366,8 @@ class ConversationSession:
     def _busy(self) -> bool:
         """A reply is being prepared or played, or a finished turn is being transcribed."""
         return (
-            (self.responder is not None and self.responder.active)
+            (self.render_feed is not None and self.render_feed.busy)
+            or (self.responder is not None and self.responder.active)
             or (self.listener is not None and self.listener.transcribing)
             or (self.clock is not None and self.clock.busy)
         )
@@ -423,6 +464,8 @@ class ConversationSession:
                     Latency(turn_id=reply.turn_id, marks_ms=marks, preemptive=reply.preemptive or None)
                 )
         await self.output.send_tick(tick.index, tick.audio, tick.frame)
+        if self.render_feed is not None:
+            await self.render_feed.on_tick(tick)
 
     async def _watch_limits(self) -> None:
         """End the session when it is too long or idle too long (limits.*)."""

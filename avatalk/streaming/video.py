@@ -17,7 +17,7 @@ from concurrent.futures import Executor
 
 import numpy as np
 
-from avatalk.avatars.renderers.base import RendererSession
+from avatalk.avatars.renderers.base import RendererFallback, RendererSession, SpeechSegment
 from avatalk.executors import run_in
 from avatalk.streaming.clock import MediaClock, Tick
 from avatalk.streaming.events import WarningEvent
@@ -48,6 +48,9 @@ class VideoStage:
 
     async def prepare(self, tick: Tick) -> None:
         """The clock's prepare hook: put this tick's frame on it."""
+        fallback = self.renderer.take_fallback()
+        if fallback is not None:
+            await self._fell_back(fallback)
         if self._job is not None and not self._job.done():
             await self._late(tick)
             return
@@ -56,8 +59,8 @@ class VideoStage:
             tick.frame = self.renderer.idle_frame(tick.index)
             return
         upcoming = None
-        if speaking and self.renderer.look_ahead_ticks:
-            upcoming = self._clock.peek_render_audio(self.renderer.look_ahead_ticks)
+        if speaking and self.renderer.uses_look_ahead:
+            upcoming = [SpeechSegment(start, audio) for start, audio in self._clock.queued_render_audio()]
         reset, self._reset_pending = self._reset_pending, False
         self._job = asyncio.ensure_future(run_in(self._executor, self._draw, tick, speaking, reset, upcoming))
         done, _ = await asyncio.wait({self._job}, timeout=RENDER_BUDGET_S)
@@ -66,7 +69,7 @@ class VideoStage:
         else:
             await self._late(tick)
 
-    def _draw(self, tick: Tick, speaking: bool, reset: bool, upcoming: np.ndarray | None) -> np.ndarray:
+    def _draw(self, tick: Tick, speaking: bool, reset: bool, upcoming: list[SpeechSegment] | None) -> np.ndarray:
         """Blocking: runs on the render executor, one call at a time per session."""
         renderer = self.renderer
         if reset:
@@ -74,7 +77,7 @@ class VideoStage:
         if not speaking or tick.render_audio is None:
             return renderer.idle_frame(tick.index)
         if upcoming is not None:
-            renderer.look_ahead(tick.index, np.concatenate([tick.render_audio, upcoming]))
+            renderer.look_ahead(tick.index, upcoming)
         return renderer.render(tick.index, tick.render_audio)
 
     async def _late(self, tick: Tick) -> None:
@@ -92,7 +95,19 @@ class VideoStage:
                 )
             )
 
+    async def _fell_back(self, fallback: RendererFallback) -> None:
+        """The renderer session switched to the fallback renderer: say so, with the reason."""
+        logger.warning("frames drawn by the fallback renderer (%s): %s", fallback.reason, fallback.message)
+        await self._emit(
+            WarningEvent(
+                code="renderer_fallback",
+                message=f"lip sync falls back to the classic renderer: {fallback.message}",
+                reason=fallback.reason,
+            )
+        )
+
     async def close(self) -> None:
-        """Wait for a render in flight (it cannot be stopped mid-frame), so the renderer is not freed under it."""
+        """Wait for a render in flight (it cannot be stopped mid-frame), then release the renderer session."""
         if self._job is not None and not self._job.done():
             await asyncio.wait({self._job})
+        self.renderer.close()
