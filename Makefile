@@ -17,7 +17,7 @@ LLAMA_SERVER_DIR ?= $(LLAMA_CACHE)/llama-server-$(LLAMA_CPP_VERSION)-avx2
 LLAMA_SERVER := $(LLAMA_SERVER_DIR)/llama-server
 LLAMA_WHEEL_GLOB := $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 
-.PHONY: setup llama-cpp run test bench browser clean
+.PHONY: setup llama-cpp run test bench browser espeak clean
 
 setup: $(STAMP)
 
@@ -51,8 +51,8 @@ llama-cpp:
 			$(LLAMA_CMAKE_ARGS) -DBUILD_SHARED_LIBS=ON -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON -DCMAKE_INSTALL_RPATH='$$ORIGIN' \
 			-DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 			-DLLAMA_BUILD_APP=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF \
-			>$$work/configure.log || { cat $$work/configure.log; exit 1; }; \
-		PATH="$(abspath $(BIN)):$$PATH" cmake --build $$work/build --target llama-server -j $$(nproc) >$$work/build.log \
+			>$$work/configure.log 2>&1 || { cat $$work/configure.log; exit 1; }; \
+		PATH="$(abspath $(BIN)):$$PATH" cmake --build $$work/build --target llama-server -j $$(nproc) >$$work/build.log 2>&1 \
 			|| { tail -50 $$work/build.log; exit 1; }; \
 		rm -rf $(LLAMA_SERVER_DIR).tmp && mkdir -p $(LLAMA_SERVER_DIR).tmp; \
 		cp -a $$work/build/bin/llama-server $$work/build/bin/lib*.so* $(LLAMA_SERVER_DIR).tmp/; \
@@ -75,7 +75,13 @@ browser:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } || \
 		echo "chromium could not be installed: browser tests will be skipped"
 
-test: setup browser
+# Debian's espeak-ng for the espeak TTS backend and its tests; without root or apt they are skipped with the reason.
+espeak:
+	@command -v espeak-ng >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null) ; } || \
+		echo "espeak-ng could not be installed: the espeak tests will be skipped"
+
+test: setup browser espeak
 	$(BIN)/python -m pytest -q -ra
 
 bench: setup

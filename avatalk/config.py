@@ -374,6 +374,9 @@ class WebRTCSettings(BaseModel):
     input_sample_rate: int = Field(48000, description="rate the decoded microphone audio is handed to the engine at")
     output_sample_rate: int = Field(48000, description="rate of the reply audio track (Opus runs at 48 kHz)")
     connect_timeout_s: float = Field(30.0, gt=0, description="a call not connected by then is hung up")
+    max_viewers: int = Field(
+        2, ge=0, le=16, description="WebRTC viewers one render session may have at once (each costs a VP8 encode)"
+    )
 
 
 class JobSettings(BaseModel):

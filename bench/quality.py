@@ -189,7 +189,7 @@ async def converse(url: str, questions: list[Question], timeout: float) -> list[
             created = await client.wait_for(lambda e: e["type"] == "response.created", since=mark, timeout=timeout)
             turn = created["turn_id"]
             done = await client.wait_for(
-                lambda e: e["type"] == "response.done" and e["turn_id"] == turn, since=mark, timeout=timeout
+                lambda e, turn=turn: e["type"] == "response.done" and e["turn_id"] == turn, since=mark, timeout=timeout
             )
             text_done = [e for e in client.events[mark:] if e["type"] == "response.text.done" and e["turn_id"] == turn]
             reply = text_done[0]["text"] if text_done else done.get("text", "")

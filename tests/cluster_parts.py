@@ -120,7 +120,22 @@ class PostgresServer:
             **run_as,  # type: ignore[arg-type]
         )
         wait_for_port(self.port, 30, self.process)
+        self._wait_accepting(30)
         self._databases = 0
+
+    def _wait_accepting(self, timeout_s: float) -> None:
+        """The port opens before recovery ends ("the database system is starting up"): wait for a session."""
+        import psycopg
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                psycopg.connect(self.url(), connect_timeout=2).close()
+                return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline or self.process.poll() is not None:
+                    raise
+                time.sleep(0.05)
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
@@ -348,6 +363,8 @@ def loopback_config(config: str, port: int, nodes: list[Node], stats_socket: Pat
     text = re.sub(r"(?m)^(\s*)stats socket .*$", rf"\1stats socket {stats_socket} mode 600 level admin", text)
     text = re.sub(r"(?m)^(\s*)log /dev/log .*$", r"\1log stderr format short local0 notice", text)
     text = text.replace("/etc/haproxy/errors/", f"{HAPROXY_CFG.parent}/errors/")
+    # A test needs few connections (and may not raise its file limit to what 20000 need).
+    text = re.sub(r"(?m)^(\s*)maxconn \d+$", r"\1maxconn 1000", text)
     # The documented servers are examples: the test's nodes replace them.
     text = re.sub(r"(?m)^\s*(server|use-server) node\d.*\n", "", text)
     servers = "".join(

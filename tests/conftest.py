@@ -3,18 +3,51 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+
+def _without_user_configuration() -> None:
+    """Forget the developer's ``AVATALK_*`` variables and ``avatalk.toml`` for the whole run.
+
+    Settings read both (README "Configuration"), so a developer's
+    ``AVATALK_LLM__BACKEND=openai`` or an ``avatalk.toml`` in the working tree
+    would change what the tests test. Done once at import, before any test
+    module builds a ``Settings`` or a session-scoped fixture loads the models
+    (servers started as child processes inherit it); ``isolated_settings``
+    restores it around every test.
+    """
+    for name in [name for name in os.environ if name.startswith("AVATALK_")]:
+        del os.environ[name]
+    os.environ["AVATALK_CONFIG"] = str(_NO_CONFIG)
+
+
+#: A configuration file that does not exist, in an empty folder of its own.
+_NO_CONFIG = Path(tempfile.mkdtemp(prefix="avatalk-tests-")) / "avatalk.toml"
+_without_user_configuration()
+
 from fakes import LiveServer  # noqa: E402
 
 from avatalk.config import Settings  # noqa: E402
 from avatalk.media.audio import resample  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Every test sees no ``AVATALK_*`` variable but the ones it sets, and no ``avatalk.toml``.
+
+    (A test may still set its own with ``monkeypatch.setenv``; this runs first.)
+    """
+    for name in [name for name in os.environ if name.startswith("AVATALK_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AVATALK_CONFIG", str(tmp_path / "no-such-dir" / "avatalk.toml"))
 
 
 @pytest.fixture

@@ -197,3 +197,46 @@ async def test_idle_sessions_are_closed(live_server_factory):
         assert client.close_code == 1008
     finally:
         await client.close()
+
+
+async def test_an_expired_token_is_refused_when_connecting(server):
+    """Checked at connection time: the WebSocket upgrade gets 403, WebRTC signalling 401."""
+    expired, _ = Authenticator(keyed_settings()).mint_token(Principal("site", "key", 1), ttl_s=-1)
+    fresh, _ = Authenticator(keyed_settings()).mint_token(Principal("site", "key", 1), ttl_s=60)
+    with pytest.raises(websockets.InvalidStatus) as refused:
+        async with websockets.connect(f"{server.ws_url}?token={expired}"):
+            pass
+    assert refused.value.response.status_code == 403
+    async with httpx.AsyncClient(base_url=server.base_url) as http:
+        offer = {"type": "offer", "sdp": "v=0\r\nm=audio 9\r\nm=video 9\r\n"}
+        config = await http.get("/v1/webrtc/config", params={"token": expired})
+        assert config.status_code == 401 and "expired" in config.json()["detail"]
+        answer = await http.post("/v1/webrtc/offer", params={"token": expired}, json=offer)
+        assert answer.status_code == 401 and "expired" in answer.json()["detail"]
+        # The same request with a token that has not expired passes the check (and fails on the fake SDP).
+        assert (await http.get("/v1/webrtc/config", params={"token": fresh})).status_code == 200
+        assert (await http.post("/v1/webrtc/offer", params={"token": fresh}, json=offer)).status_code == 400
+    # A session outlives its token: the token is only checked when connecting.
+    short, expires = Authenticator(keyed_settings()).mint_token(Principal("site", "key", 1), ttl_s=1)
+    client = AvatalkClient(f"{server.ws_url}?token={short}")
+    await client.connect()
+    try:
+        while time.time() <= expires:
+            await asyncio.sleep(0.1)
+        assert (await client.configure())["type"] == "session.updated"
+        assert not client.closed.is_set()
+    finally:
+        await client.close()
+
+
+async def test_a_server_without_keys_mints_no_tokens(live_server_factory):
+    open_server = live_server_factory()
+    async with httpx.AsyncClient(base_url=open_server.base_url) as http:
+        response = await http.post("/v1/tokens", json={"ttl_s": 60})
+        assert response.status_code == 400 and "no API keys" in response.json()["detail"]
+    client = AvatalkClient(open_server.ws_url)  # and needs none
+    await client.connect()
+    try:
+        assert (await client.configure())["type"] == "session.updated"
+    finally:
+        await client.close()

@@ -372,3 +372,60 @@ def test_cancel_stops_and_cleans_up(tmp_path, astronaut, landmarker):
     with pytest.raises(AvatarPreparationCancelled):
         prepare_avatar(video, "stopped", "Stopped", root, landmarker=landmarker, progress=progress, cancel=cancel)
     assert_nothing_left(root)
+
+
+def test_a_file_without_a_video_stream_fails(tmp_path, landmarker):
+    """An MP4 container holding only sound (a voice memo) is no avatar source."""
+    source = tmp_path / "voice.m4a"
+    with av.open(str(source), "w", format="mp4") as container:
+        stream = container.add_stream("aac", rate=16000)
+        stream.layout = "mono"
+        noise = np.random.default_rng(2).uniform(-0.05, 0.05, (1, 1024)).astype(np.float32)
+        for i in range(20):
+            frame = av.AudioFrame.from_ndarray(noise, format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, i * 1024
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    root = tmp_path / "avatars"
+    with pytest.raises(AvatarPreparationError, match=r"voice\.m4a has no video stream"):
+        prepare_avatar(source, "voice", "Voice", root, landmarker=landmarker)
+    assert_nothing_left(root)
+
+
+def test_a_video_without_a_face_in_any_frame_fails(tmp_path, astronaut, landmarker):
+    video = make_video(tmp_path / "nobody.mp4", astronaut, blank=set(range(50)))
+    root = tmp_path / "avatars"
+    with pytest.raises(AvatarPreparationError, match=r"no face was found in the video nobody\.mp4"):
+        prepare_avatar(video, "nobody", "Nobody", root, landmarker=landmarker)
+    assert_nothing_left(root)
+
+
+def test_a_video_that_stops_decoding_partway_fails_and_leaves_nothing(tmp_path, astronaut, landmarker):
+    """Frame 25 of 50 is corrupt: the first 24 were decoded and analysed, then the job fails cleanly."""
+    source = tmp_path / "broken.avi"
+    with av.open(str(source), "w", format="avi") as container:
+        stream = container.add_stream("png", rate=25)
+        stream.width, stream.height = SIZE
+        stream.pix_fmt = "rgb24"
+        face = cv2.resize(astronaut, SIZE)
+        for _ in range(50):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(face, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    data = bytearray(source.read_bytes())
+    at = -1
+    for _ in range(25):  # the 25th PNG image in the file
+        at = data.index(b"\x89PNG", at + 1)
+    data[at : at + 64] = bytes(64)
+    source.write_bytes(bytes(data))
+    progress: list[float] = []
+    root = tmp_path / "avatars"
+    with pytest.raises(AvatarPreparationError, match=r"broken\.avi could not be decoded"):
+        prepare_avatar(
+            source, "broken", "Broken", root, landmarker=landmarker, progress=lambda stage, f: progress.append(f)
+        )
+    assert progress and 0 < max(progress) < 1  # it failed partway, not at the start
+    assert_nothing_left(root)

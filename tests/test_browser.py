@@ -2,8 +2,9 @@
 
 Chromium's fake microphone plays a WAV file spoken by piper (and loops it); the page
 is driven through its ``window.avatalk`` status object (docs/web-client.md). Nothing
-is installed here: without ``/usr/bin/chromium`` (``make browser`` installs Debian's)
-the tests are skipped.
+is installed here: Chromium is looked up where ``make browser`` finds or puts it
+(``chromium`` on PATH; Debian's package lands in ``/usr/bin``), and without it the
+tests are skipped.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import http.server
 import importlib.util
 import re
+import shutil
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -25,12 +27,23 @@ import pytest
 from avatalk.media.audio import write_wav
 from avatalk.server.services import services
 
-CHROMIUM = Path("/usr/bin/chromium")
+
+
+def find_chromium() -> Path | None:
+    """The Chromium ``make browser`` uses: ``chromium`` on PATH (``chromium-browser`` on some distributions)."""
+    for name in ("chromium", "chromium-browser"):
+        found = shutil.which(name)
+        if found:
+            return Path(found)
+    return None
+
+
+CHROMIUM = find_chromium()
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
-        not CHROMIUM.exists(), reason="/usr/bin/chromium is missing (`make browser` or `apt-get install chromium`)"
+        CHROMIUM is None, reason="no chromium on PATH (`make browser` installs it, or `apt-get install chromium`)"
     ),
     pytest.mark.skipif(
         importlib.util.find_spec("playwright") is None, reason="Playwright is not installed (pip install -e '.[dev]')"

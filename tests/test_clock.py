@@ -1,4 +1,5 @@
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -51,20 +52,27 @@ async def test_enqueue_waits_when_full():
     await asyncio.wait_for(blocked, 1.0)
 
 
-async def test_run_releases_ticks_at_real_time():
+async def test_run_releases_ticks_in_order_and_none_before_its_time():
+    """Tick k goes out at start + k x 40 ms, never earlier (later only when the loop is late), none skipped."""
     clock = MediaClock(16000)
     seen: list[int] = []
+    early: list[tuple[int, float]] = []
 
     async def sink(tick):
         seen.append(tick.index)
+        assert clock.started_at is not None
+        due = clock.started_at + tick.index * 0.040
+        if time.monotonic() < due - 0.001:
+            early.append((tick.index, due - time.monotonic()))
 
     task = asyncio.create_task(clock.run(sink))
-    await asyncio.sleep(0.5)
+    while len(seen) < 12:
+        await asyncio.sleep(0.01)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert 8 <= len(seen) <= 16  # ~12 ticks in 0.5 s; loose bounds, not a timing assertion
     assert seen == list(range(len(seen)))
+    assert early == []
 
 
 def test_rate_must_be_multiple_of_25():

@@ -116,13 +116,11 @@ def fake_server() -> SimpleNamespace:
     return SimpleNamespace(metrics=Metrics(), sessions=SimpleNamespace(active=0, capacity=8), webrtc_calls={}, jobs=None)
 
 
-def fake_app_state(server: SimpleNamespace, active: int, webrtc: int, jobs: list[str] | None) -> None:
+def fake_app_state(server: SimpleNamespace, active: int, webrtc: int, jobs: Any = None) -> None:
+    """Sessions and calls as plain counts; ``jobs`` is a real ``JobRunner`` (its real store), or None."""
     server.sessions = SimpleNamespace(active=active, capacity=8)
     server.webrtc_calls = {f"call-{i}": object() for i in range(webrtc)}
-    if jobs is not None:
-        listed = [SimpleNamespace(state=state) for state in jobs]
-        store = SimpleNamespace(list=lambda **kwargs: [job for job in listed if job.state in kwargs["states"]])
-        server.jobs = SimpleNamespace(store=store)
+    server.jobs = jobs
 
 
 async def scrape(app: FastAPI, accept: str | None = None) -> httpx.Response:
@@ -131,12 +129,18 @@ async def scrape(app: FastAPI, accept: str | None = None) -> httpx.Response:
         return await http.get("/metrics", headers=headers)
 
 
-async def test_metrics_route_reads_sessions_and_jobs_at_scrape_time() -> None:
-    from avatalk.jobs import JobState
+async def test_metrics_route_reads_sessions_and_jobs_at_scrape_time(tmp_path) -> None:
+    from avatalk.jobs import JobRunner, JobState, SQLiteJobStore
 
+    store = SQLiteJobStore(tmp_path / "jobs.sqlite3")  # the real store, queried as the server queries it
+    queued = [store.create("render", params={}) for _ in range(3)]
+    store.start(queued[0].id)  # one running, two queued
+    done = store.create("render", params={})
+    store.start(done.id)
+    store.finish(done.id, JobState.SUCCEEDED, "done")  # ended jobs are not in the gauge
     app, server = FastAPI(), fake_server()
     metrics = setup_metrics(app, server)
-    fake_app_state(server, active=3, webrtc=1, jobs=[JobState.QUEUED, JobState.QUEUED, JobState.RUNNING])
+    fake_app_state(server, active=3, webrtc=1, jobs=JobRunner(store, {}))
     metrics.record_error("invalid_json")
     response = await scrape(app)
     assert response.status_code == 200
@@ -149,6 +153,10 @@ async def test_metrics_route_reads_sessions_and_jobs_at_scrape_time() -> None:
     assert 'avatalk_jobs{state="running"} 1.0' in text
     assert 'avatalk_errors_total{code="invalid_json"} 1.0' in text
     assert "# TYPE avatalk_turn_latency_seconds histogram" in text
+    assert 'state="succeeded"' not in text
+    store.finish(queued[0].id, JobState.FAILED, "gone")
+    assert 'avatalk_jobs{state="running"} 0.0' in (await scrape(app)).text  # read at each scrape
+    store.close()
     fake_app_state(server, active=0, webrtc=0, jobs=None)
     assert 'avatalk_active_sessions{transport="ws"} 0.0' in (await scrape(app)).text
     openmetrics = await scrape(app, "application/openmetrics-text; version=1.0.0")

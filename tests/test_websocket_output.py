@@ -38,7 +38,8 @@ async def test_a_busy_encoder_repeats_the_previous_picture_and_the_audio_goes_ou
         await output.send_tick(1, audio, white)
         await output.send_tick(2, audio, white)
         release.set()
-        await asyncio.sleep(0.2)
+        # The pool is one thread, first come first served: once this no-op ran, the white encode is done.
+        await asyncio.wrap_future(pool.submit(lambda: None))
         await output.send_tick(3, audio, white)
     frames = [decode_binary(data) for data in socket.sent]
     assert [(kind, tick) for kind, tick, _, _ in frames] == [

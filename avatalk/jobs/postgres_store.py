@@ -81,7 +81,11 @@ CREATE UNIQUE INDEX IF NOT EXISTS avatalk_jobs_exclusive ON avatalk_jobs (kind, 
     WHERE exclusive AND state IN ('queued', 'running');
 """
 _COLUMNS = "id, kind, state, stage, progress, message, avatar_id, params, result, created_at, updated_at, finished_at"
-_LOCK = f"pg_advisory_lock({_LOCK_SPACE}, (seq % 2147483647)::int)"
+
+
+def _lock_key(seq: int) -> int:
+    """The second (32-bit) key of a job's advisory lock, from its row number."""
+    return seq % 2147483647
 
 
 def _job_from_row(row: tuple[Any, ...]) -> Job:
@@ -288,7 +292,7 @@ class PostgresJobStore(JobStore):
                 ).fetchone()
                 if row is not None:
                     job_id, seq = row
-                    conn.execute(f"SELECT {_LOCK} FROM avatalk_jobs WHERE id = %s", (job_id,))
+                    conn.execute("SELECT pg_advisory_lock(%s, %s)", (_LOCK_SPACE, _lock_key(seq)))
                     taken = conn.execute(
                         f"UPDATE avatalk_jobs SET state = 'running', message = NULL, node = %s, "
                         f"cancel_requested = FALSE, updated_at = now() WHERE id = %s RETURNING {_COLUMNS}",
@@ -322,7 +326,7 @@ class PostgresJobStore(JobStore):
             return
         conn, seq = held
         try:
-            conn.execute("SELECT pg_advisory_unlock(%s, (%s % 2147483647)::int)", (_LOCK_SPACE, seq))
+            conn.execute("SELECT pg_advisory_unlock(%s, %s)", (_LOCK_SPACE, _lock_key(seq)))
         except psycopg.Error:
             conn.close()  # closing releases the lock too
             return
@@ -396,7 +400,7 @@ class PostgresJobStore(JobStore):
             for job_id, seq, node in running:
                 # Free only when the connection of the node that took it is gone; held until this commit.
                 free = conn.execute(
-                    "SELECT pg_try_advisory_xact_lock(%s, (%s % 2147483647)::int)", (_LOCK_SPACE, seq)
+                    "SELECT pg_try_advisory_xact_lock(%s, %s)", (_LOCK_SPACE, _lock_key(seq))
                 ).fetchone()
                 if free is not None and free[0]:
                     orphans.append((job_id, node or "unknown"))

@@ -16,6 +16,7 @@ from avatalk.config import Settings
 from avatalk.executors import Executors
 from avatalk.llm.base import LLM, ChatMessage, LLMError
 from avatalk.llm.llama_cpp import LlamaCppLLM
+from avatalk.llm.llama_server import LlamaServerLLM
 from avatalk.llm.memory import DialogueMemory
 from avatalk.llm.openai_compatible import OpenAICompatibleLLM
 from avatalk.llm.sentences import SentenceSplitter, clean_for_speech
@@ -24,6 +25,7 @@ from avatalk.llm.transformers_llm import TransformersLLM
 logger = logging.getLogger(__name__)
 
 LLM_BACKENDS: dict[str, type[LLM]] = {
+    "llama-server": LlamaServerLLM,
     "llama-cpp": LlamaCppLLM,
     "openai": OpenAICompatibleLLM,
     "transformers": TransformersLLM,
@@ -33,8 +35,9 @@ LLM_BACKENDS: dict[str, type[LLM]] = {
 def create_llm(settings: Settings, executors: Executors) -> LLM:
     """Build the backend named by ``settings.llm.backend`` from its settings section.
 
-    Loading a local model blocks for a moment: call this off the event loop
-    at startup. Local backends run their generation on ``executors.llm``.
+    Loading a local model (or starting llama-server and waiting for its
+    health) blocks for a moment: call this off the event loop at startup.
+    Local backends run their generation on ``executors.llm``.
     """
     name = settings.llm.backend
     backend = LLM_BACKENDS.get(name)
@@ -51,6 +54,7 @@ __all__ = [
     "DialogueMemory",
     "LLMError",
     "LlamaCppLLM",
+    "LlamaServerLLM",
     "OpenAICompatibleLLM",
     "SentenceSplitter",
     "TransformersLLM",

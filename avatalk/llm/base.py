@@ -57,7 +57,7 @@ class LLM(ABC):
         """
 
     @abstractmethod
-    def stream(self, messages: list[ChatMessage]) -> AsyncIterator[str]:
+    def stream(self, messages: list[ChatMessage], session_key: str | None = None) -> AsyncIterator[str]:
         """Yield the reply to ``messages`` as text deltas, in order.
 
         Implemented as an async generator. When the consumer stops iterating
@@ -65,7 +65,26 @@ class LLM(ABC):
         it) generation stops within about one token and the model is free for
         the next caller: that is what makes barge-in cheap. Failures raise
         ``LLMError``.
+
+        ``session_key`` names the conversation (the session id). A serving
+        engine that caches prompts per slot (llama-server) keeps each
+        conversation on its own slot with it, so a new turn only prefills the
+        new message; other backends ignore it.
         """
+
+    async def warm_up(self, messages: list[ChatMessage]) -> None:
+        """Evaluate ``messages`` once before the first session, so no user pays for cold caches.
+
+        The base version generates the first token of a reply (llama.cpp then
+        keeps the persona prompt as a reusable prefix); backends with several
+        caches (llama-server's slots) fill each.
+        """
+        stream = self.stream(messages)
+        try:
+            async for _delta in stream:
+                break
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
 
     async def aclose(self) -> None:
         """Free the model or connections; the instance is unusable afterwards.

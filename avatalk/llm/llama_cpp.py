@@ -83,8 +83,8 @@ class LlamaCppLLM(LLM):
             temperature=settings.llm.temperature,
         )
 
-    async def stream(self, messages: list[ChatMessage]) -> AsyncIterator[str]:
-        """Stream the reply; see ``LLM.stream``."""
+    async def stream(self, messages: list[ChatMessage], session_key: str | None = None) -> AsyncIterator[str]:
+        """Stream the reply; see ``LLM.stream`` (one model context: ``session_key`` changes nothing)."""
         if self._closed:
             raise LLMError("the llama.cpp model has been closed")
         payload = [{"role": message.role, "content": message.content} for message in messages]

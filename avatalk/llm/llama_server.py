@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import ctypes
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -34,7 +32,8 @@ import threading
 import time
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+from concurrent.futures import Executor
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any, Self
@@ -85,25 +84,18 @@ def free_loopback_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _parent_death_signal() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that asks Linux to SIGTERM the child when its parent thread dies.
+def _parent_death_prefix() -> list[str]:
+    """A command prefix that has Linux SIGTERM the child when the thread that started it dies.
 
-    The child is spawned by the supervisor thread, which lives until the
+    The child is started by the supervisor thread, which lives until the
     child is stopped, so this fires only when avatalk itself dies (crash,
-    SIGKILL) without stopping the server. None off Linux.
+    SIGKILL) without stopping the server. ``setpriv`` (util-linux) sets the
+    parent-death signal and execs the server; it is kept across the exec.
+    Without it (not Linux, or a minimal image) only a normal exit stops the
+    server (``atexit``).
     """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig = 1
-
-    def set_signal() -> None:
-        prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
-
-    return set_signal
+    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+    return [setpriv, "--pdeathsig", "SIGTERM", "--"] if setpriv else []
 
 
 class LlamaServerProcess:
@@ -251,17 +243,18 @@ class LlamaServerProcess:
 
     def _run_once(self) -> str | None:
         """Run one process until it exits. Returns why it never became healthy, or None once it did."""
-        command = [str(self._program), *self._arguments, "--host", HOST, "--port", str(self._port)]
+        command = [
+            *_parent_death_prefix(), str(self._program), *self._arguments, "--host", HOST, "--port", str(self._port)
+        ]
         with self._lock:
             if self._stopping.is_set():
                 return "stopped"
             try:
-                process = subprocess.Popen(  # noqa: S603 - our own program and arguments
+                process = subprocess.Popen(
                     command,
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
-                    preexec_fn=_parent_death_signal(),  # noqa: PLW1509 - a single prctl call
                 )
             except OSError as error:
                 return f"could not start llama-server ({self._program}): {error}"
@@ -354,6 +347,10 @@ class SlotTable:
         self._owners: OrderedDict[str, int] = OrderedDict()
         self._busy = [0] * slots
 
+    @property
+    def size(self) -> int:
+        return self._slots
+
     def acquire(self, session_key: str | None) -> int:
         """The slot for this request (-1: any), counted busy until ``release``."""
         slot = self._slot_for(session_key)
@@ -414,7 +411,7 @@ class LlamaServerLLM(OpenAICompatibleLLM):
     def __init__(
         self,
         server: LlamaServerProcess,
-        executor: Any,
+        executor: Executor,
         *,
         parallel: int,
         max_tokens: int = 96,
@@ -471,8 +468,9 @@ class LlamaServerLLM(OpenAICompatibleLLM):
     def _completions_url(self) -> str:
         return self.server.base_url + "/chat/completions"
 
-    def _request_fields(self, session_key: str | None) -> dict[str, Any]:
-        return {**self._sampling, "cache_prompt": True}
+    def _fields(self, slot: int) -> dict[str, Any]:
+        """llama-server's own request fields: the slot, prompt caching, sampling extras."""
+        return {**self._sampling, "id_slot": slot, "cache_prompt": True}
 
     async def stream(self, messages: list[ChatMessage], session_key: str | None = None) -> AsyncIterator[str]:
         """Stream the reply from this session's slot; see ``LLM.stream``.
@@ -487,7 +485,7 @@ class LlamaServerLLM(OpenAICompatibleLLM):
                 f"{self.server.output_tail() or '(none)'}"
             )
         slot = self._slots.acquire(session_key)
-        deltas = self._stream_from(messages, {"id_slot": slot})
+        deltas = self._stream_from(messages, self._fields(slot))
         try:
             async with aclosing(deltas):
                 async for delta in deltas:
@@ -507,16 +505,12 @@ class LlamaServerLLM(OpenAICompatibleLLM):
         """Prefill ``messages`` (the persona's prompt) in every slot at once, so no session's first turn pays it."""
 
         async def one(slot: int) -> None:
-            deltas = self._stream_from(messages, {"id_slot": slot}, max_tokens=1)
+            deltas = self._stream_from(messages, self._fields(slot), max_tokens=1)
             async with aclosing(deltas):
                 async for _delta in deltas:
                     pass
 
-        await asyncio.gather(*(one(slot) for slot in range(self._slots_count)))
-
-    @property
-    def _slots_count(self) -> int:
-        return len(self._slots._busy)
+        await asyncio.gather(*(one(slot) for slot in range(self._slots.size)))
 
     async def aclose(self) -> None:
         """Close the connections and stop the server process."""

@@ -103,8 +103,8 @@ class TransformersLLM(LLM):
         lines = [f"{message.role}: {message.content}" for message in messages]
         return "\n".join([*lines, "assistant:"])
 
-    async def stream(self, messages: list[ChatMessage]) -> AsyncIterator[str]:
-        """Stream the reply; see ``LLM.stream``."""
+    async def stream(self, messages: list[ChatMessage], session_key: str | None = None) -> AsyncIterator[str]:
+        """Stream the reply; see ``LLM.stream`` (one model context: ``session_key`` changes nothing)."""
         if self._closed:
             raise LLMError("the transformers model has been closed")
         try:

@@ -20,12 +20,12 @@ from starlette.requests import HTTPConnection
 
 from avatalk.server.auth import principal_of
 from avatalk.server.services import Services, services
+from avatalk.server.sessions import Transport
 from avatalk.streaming.models import EngineModels
 from avatalk.streaming.session import ConversationSession, SessionOutput
 
 logger = logging.getLogger(__name__)
 
-Transport = Literal["ws", "webrtc"]
 OutputT = TypeVar("OutputT", bound=SessionOutput)
 
 
@@ -63,7 +63,7 @@ def admit(
     session = ConversationSession(
         new_session_id(svc.settings.cluster.node_id), models, svc.settings, svc.metrics.observe(output), svc.avatar_store
     )
-    reason = svc.sessions.try_add(session, principal_of(connection))
+    reason = svc.sessions.try_add(session, principal_of(connection), transport)
     if reason is not None:
         svc.metrics.record_error("server_full")
         raise Refused("server_full", reason, retry_after_s=30)

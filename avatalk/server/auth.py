@@ -9,15 +9,21 @@
   and hands it to the browser; a token opens conversations (WebSocket, WebRTC
   signalling) and nothing else, for a few minutes. Tokens are HMAC-signed, so
   checking one needs no database.
+- The agent of a render session mints a viewer token for it
+  (``POST /v1/webrtc/{id}/viewer-token``): signed with a key of its own, it
+  opens only that session's viewer routes (``/v1/webrtc/{id}/viewers``),
+  which accept nothing else, on a server with keys or without.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import ipaddress
 import json
+import re
 import secrets
 import time
 from collections import defaultdict, deque
@@ -31,6 +37,10 @@ from avatalk.config import ApiKey, Settings
 OPEN_PATHS = ("/healthz", "/readyz", "/docs", "/redoc", "/openapi.json", "/embed.js", "/static/")
 SESSION_PATHS = ("/v1/ws", "/v1/webrtc/")
 JOB_CREATING = (("POST", "/v1/avatars"), ("POST", "/v1/renders"))
+#: Watching a render session over WebRTC: a viewer token for that session is the only credential.
+VIEWER_PATH = re.compile(r"^/v1/webrtc/(?P<session>[^/]+)/viewers(?:/[^/]+)?$")
+#: What a viewer's page also reads before its offer (the ICE servers): a viewer token of any session opens it.
+VIEWER_READABLE = ("/v1/webrtc/config",)
 
 
 class AuthError(Exception):
@@ -45,8 +55,9 @@ class Principal:
     """Who is calling: a key, a token minted by a key, or anyone (open mode)."""
 
     name: str
-    kind: str  # "key", "token" or "open"
+    kind: str  # "key", "token", "viewer" or "open"
     max_sessions: int | None = None
+    session_id: str | None = None  # a viewer: the one render session it may watch
 
 
 #: Everyone, on a server without keys.
@@ -99,6 +110,8 @@ class Authenticator:
         self.by_name: dict[str, ApiKey] = {key.name: key for key in settings.auth.api_keys}
         secret = settings.auth.token_secret or secrets.token_urlsafe(32)
         self._secret = secret.encode()
+        # Viewer tokens have their own signing key, so one can never pass for a session token.
+        self._viewer_secret = hmac.new(self._secret, b"avatalk viewer token", hashlib.sha256).digest()
         self.default_ttl_s = settings.auth.token_ttl_s
 
     @property
@@ -128,6 +141,35 @@ class Authenticator:
         if key is None:
             raise AuthError(401, "the key that minted this session token no longer exists")
         return Principal(key.name, "token", key.max_sessions)
+
+    def mint_viewer_token(self, session_id: str, ttl_s: int | None = None) -> tuple[str, float]:
+        """A token that watches the render session ``session_id`` over WebRTC, and does nothing else."""
+        expires = time.time() + (ttl_s or self.default_ttl_s)
+        payload = json.dumps({"sid": session_id, "exp": round(expires, 3), "scope": "view"}).encode()
+        signature = _b64(hmac.new(self._viewer_secret, payload, hashlib.sha256).digest())
+        return f"{_b64(payload)}.{signature}", expires
+
+    def verify_viewer_token(self, token: str | None, session_id: str | None) -> Principal:
+        """The viewer of ``session_id`` (None: of any session) behind ``token``; ``AuthError`` for anything else."""
+        if not token:
+            raise AuthError(
+                401, "watching a render session needs its viewer token (Authorization: Bearer TOKEN, or ?token=)"
+            )
+        try:
+            encoded, signature = token.split(".", 1)
+            payload = _unb64(encoded)
+        except (ValueError, TypeError) as error:
+            raise AuthError(401, "malformed viewer token") from error
+        expected = _b64(hmac.new(self._viewer_secret, payload, hashlib.sha256).digest())
+        if not hmac.compare_digest(signature, expected):
+            raise AuthError(401, "invalid viewer token (bad signature, or not a viewer token)")
+        claims = json.loads(payload)
+        if claims.get("exp", 0) < time.time():
+            raise AuthError(401, "the viewer token has expired; ask the render session's agent for a new one")
+        watched = str(claims.get("sid", ""))
+        if session_id is not None and watched != session_id:
+            raise AuthError(403, "this viewer token is for another render session")
+        return Principal(f"viewer:{watched}", "viewer", session_id=watched)
 
     def authenticate(self, credential: str | None, session_route: bool) -> Principal:
         """The caller behind ``credential`` (a key, or a token on session routes)."""
@@ -220,10 +262,20 @@ class AuthMiddleware:
         if path == "/" or path.startswith(OPEN_PATHS):
             await self.app(scope, receive, send)
             return
+        viewer = VIEWER_PATH.match(path)
+        if viewer is not None:
+            try:
+                principal = self.authenticator.verify_viewer_token(_credential(scope), viewer["session"])
+            except AuthError as error:
+                await _refuse(scope, send, error)
+                return
+            scope.setdefault("state", {})["principal"] = principal
+            await self.app(scope, receive, send)
+            return
         session_route = path.startswith(SESSION_PATHS)
         slot: Slot | None = None
         try:
-            principal = self.authenticator.authenticate(_credential(scope), session_route)
+            principal = self._authenticate(_credential(scope), path, session_route)
             method = scope.get("method", "")
             if any(method == m and path.startswith(p) for m, p in JOB_CREATING):
                 taken = self.limiter.take(principal.name)
@@ -250,6 +302,16 @@ class AuthMiddleware:
         finally:
             if not accepted:  # refused, failed or abandoned: no job was created
                 self.limiter.give_back(slot)
+
+    def _authenticate(self, credential: str | None, path: str, session_route: bool) -> Principal:
+        """The caller; a viewer token also reads ``VIEWER_READABLE`` (the page needs the ICE servers)."""
+        try:
+            return self.authenticator.authenticate(credential, session_route)
+        except AuthError:
+            if path in VIEWER_READABLE and credential:
+                with contextlib.suppress(AuthError):
+                    return self.authenticator.verify_viewer_token(credential, None)
+            raise
 
 
 async def _refuse(scope: Scope, send: Send, error: AuthError) -> None:

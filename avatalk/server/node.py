@@ -4,9 +4,10 @@ A load balancer needs two answers from each node: may I send it a new
 session at all (``/readyz``: 503 while the models load, while draining and
 at the session limit, with the reason in the body), and how much room does
 it have (the agent port: HAProxy's agent-check protocol, one line per TCP
-connection, with the free capacity as a weight). WebRTC calls carry their
-media past the balancer, so its own connection counts cannot see them: the
-weight is what spreads them.
+connection, a weight from the node's sessions and free slots; see
+``Readiness.agent_reply``). WebRTC calls carry their media past the
+balancer, so its own connection counts cannot see them: the weight is what
+spreads them.
 
 Draining is one mechanism for every way a node stops: SIGTERM (``avatalk
 serve``), a rolling deploy, a test. ``drain`` stops admitting at once
@@ -42,12 +43,13 @@ ReadyState = Literal["ready", "loading", "draining", "full"]
 
 @dataclass(frozen=True)
 class Readiness:
-    """Whether this node takes a new session now, and why not."""
+    """Whether this node takes a new session now, and why not; ``calls`` of its ``sessions`` are WebRTC calls."""
 
     status: ReadyState
     sessions: int
     max_sessions: int
     node: str | None
+    calls: int = 0
 
     @property
     def ready(self) -> bool:
@@ -60,19 +62,27 @@ class Readiness:
     def agent_reply(self) -> str:
         """The line of HAProxy's agent-check protocol.
 
-        ``ready up N%``: in service with N % of its configured weight, N the
-        share of free session slots (0 % when full: HAProxy sends it no new
-        sessions but keeps it up, and its sessions keep going). ``drain``
-        while shutting down; ``down`` while the models load. Text after
-        ``#`` is shown in HAProxy's stats.
+        ``ready up N%``: in service, with N % of its configured weight.
+        HAProxy's ``leastconn`` sends a new session to the server with the
+        lowest (connections + 1) / weight. It counts each WebSocket
+        conversation (a connection through it) but no WebRTC call (the
+        media bypasses it), so the weight carries what it cannot see:
+        N = 100 (ws + 1) / (sessions + 1), which makes HAProxy's score
+        (sessions + 1) / configured weight, every session counted once. A node
+        of WebSocket sessions only reports 100 %, so a check that is a little
+        late never skews a spread the connection counts make exact. 0 % when
+        the node is full (no new session, the ones it has go on); ``drain``
+        while shutting down; ``down`` while the models load. Text after ``#``
+        shows in HAProxy's stats.
         """
         if self.status == "loading":
             return "down #loading models\n"
         if self.status == "draining":
             return "drain #shutting down\n"
         free = max(self.max_sessions - self.sessions, 0)
-        percent = free * 100 // self.max_sessions if self.max_sessions else 0
-        return f"ready up {percent}% #{self.sessions}/{self.max_sessions} sessions\n"
+        websockets = self.sessions - self.calls
+        percent = 0 if free == 0 else max(1, round(100 * (websockets + 1) / (self.sessions + 1)))
+        return f"ready up {percent}% #{free} of {self.max_sessions} session slots free\n"
 
 
 def readiness(svc: Services) -> Readiness:
@@ -87,7 +97,7 @@ def readiness(svc: Services) -> Readiness:
         status = "full"
     else:
         status = "ready"
-    return Readiness(status, sessions.active, sessions.capacity, svc.settings.cluster.node_id)
+    return Readiness(status, sessions.active, sessions.capacity, svc.settings.cluster.node_id, sessions.over("webrtc"))
 
 
 class AgentServer:

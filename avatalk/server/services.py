@@ -25,7 +25,7 @@ from avatalk.jobs import JobRunner
 from avatalk.observability import Metrics
 from avatalk.server.auth import Authenticator
 from avatalk.server.sessions import SessionRegistry
-from avatalk.server.webrtc import Call
+from avatalk.server.webrtc import Call, ViewerCall
 from avatalk.streaming.models import EngineModels
 
 
@@ -39,6 +39,8 @@ class Services:
     sessions: SessionRegistry
     webrtc_calls: dict[str, Call] = field(default_factory=dict)
     """Answered WebRTC calls by session id (each session is in ``sessions`` too)."""
+    webrtc_viewers: dict[str, ViewerCall] = field(default_factory=dict)
+    """People watching render sessions over WebRTC, by viewer id (hung up when their session ends)."""
     models: EngineModels | None = None
     avatar_store: AvatarStore | None = None
     jobs: JobRunner | None = None

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Literal
 
 from avatalk.server.auth import OPEN, Principal
 from avatalk.streaming.session import ConversationSession
 
 logger = logging.getLogger(__name__)
+
+Transport = Literal["ws", "webrtc"]
 
 #: How a transport ends its connection when the server shuts down (WebSocket close 1012, a hung-up call).
 HangUp = Callable[[], Awaitable[None]]
@@ -29,11 +32,16 @@ class SessionRegistry:
         self.draining = False
         self._sessions: dict[str, ConversationSession] = {}
         self._owners: dict[str, Principal] = {}
+        self._transports: dict[str, Transport] = {}
         self._hang_ups: dict[str, HangUp] = {}
 
     @property
     def active(self) -> int:
         return len(self._sessions)
+
+    def over(self, transport: Transport) -> int:
+        """Sessions over one transport (a balancer counts WebSocket connections itself, not WebRTC calls)."""
+        return sum(1 for used in self._transports.values() if used == transport)
 
     @property
     def free(self) -> int:
@@ -50,13 +58,24 @@ class SessionRegistry:
                 return f"key {principal.name!r} is at its limit of {principal.max_sessions} concurrent sessions"
         return None
 
-    def try_add(self, session: ConversationSession, principal: Principal = OPEN) -> str | None:
+    def try_add(
+        self, session: ConversationSession, principal: Principal = OPEN, transport: Transport = "ws"
+    ) -> str | None:
         """Admit ``session``; returns the refusal reason instead when it cannot be admitted."""
         reason = self.refusal(principal)
         if reason is None:
             self._sessions[session.id] = session
             self._owners[session.id] = principal
+            self._transports[session.id] = transport
         return reason
+
+    def get(self, session_id: str) -> ConversationSession | None:
+        """The live session ``session_id`` on this node, or None."""
+        return self._sessions.get(session_id)
+
+    def owner(self, session_id: str) -> Principal | None:
+        """Who opened the live session ``session_id`` (None when there is none)."""
+        return self._owners.get(session_id)
 
     def set_hang_up(self, session_id: str, hang_up: HangUp) -> None:
         """How the transport of ``session_id`` ends its connection at shutdown, after the drain."""
@@ -66,6 +85,7 @@ class SessionRegistry:
     def remove(self, session_id: str) -> None:
         self._sessions.pop(session_id, None)
         self._owners.pop(session_id, None)
+        self._transports.pop(session_id, None)
         self._hang_ups.pop(session_id, None)
 
     async def close_all(self, drain_s: float = 0.0) -> None:
@@ -93,4 +113,5 @@ class SessionRegistry:
                 logger.error("session %s did not close cleanly", session.id, exc_info=result)
         self._sessions.clear()
         self._owners.clear()
+        self._transports.clear()
         self._hang_ups.clear()

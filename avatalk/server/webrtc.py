@@ -156,6 +156,15 @@ async def pump_microphone(track: MediaStreamTrack, push: Callable[[bytes], Await
             await push(converted.to_ndarray().tobytes())
 
 
+async def discard_track(track: MediaStreamTrack) -> None:
+    """Read and drop a track's frames until it ends: aiortc queues unread frames without bound."""
+    while True:
+        try:
+            await track.recv()
+        except MediaStreamError:
+            return
+
+
 async def deliver_channel_message(
     message: object, handle: Callable[[ClientEvent], Awaitable[None]], output: SessionOutput
 ) -> None:
@@ -216,9 +225,28 @@ class Call:
             task.cancel()
         if others:
             await asyncio.wait(others)  # never raises for the tasks; a cancellation of this task propagates
-        await self.session.close()
+        await self._release_session()
         self.output.stop()
         await close_peer(self.pc)
+
+    async def _release_session(self) -> None:
+        """A call owns its session: hanging up ends it."""
+        await self.session.close()
+
+
+class ViewerCall(Call):
+    """Someone watching a render session: its ticks go to this call's tracks too, nothing comes back.
+
+    The session belongs to its agent's WebSocket: hanging up a viewer only
+    stops the copy of the ticks, and the session's end hangs up its viewers.
+    """
+
+    def __init__(self, viewer_id: str, session: ConversationSession, pc: RTCPeerConnection, output: WebRTCOutput) -> None:
+        super().__init__(session, pc, output)
+        self.viewer_id = viewer_id
+
+    async def _release_session(self) -> None:
+        self.session.remove_viewer(self.output)
 
 
 async def close_all_calls(calls: dict[str, Call]) -> None:

@@ -1,5 +1,11 @@
 """WebRTC signalling: ``POST /v1/webrtc/offer`` starts a call, ``DELETE /v1/webrtc/{id}`` ends it.
 
+A render session (docs/protocol.md, "Render-only sessions") can be watched:
+``POST /v1/webrtc/{session id}/viewers`` with the session's viewer token
+answers a receive-only offer whose tracks carry the session's ticks, and
+``DELETE /v1/webrtc/{session id}/viewers/{viewer id}`` stops watching. Both
+paths start with the session id, so a balancer routes them to its node.
+
 No trickle ICE: the page gathers its candidates before sending the offer and
 the answer carries ours, so one request sets the call up.
 """
@@ -8,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from typing import Literal
 
 from aiortc import RTCPeerConnection, RTCSessionDescription
@@ -19,12 +26,16 @@ from avatalk.server.admission import Refused, admit, release
 from avatalk.server.services import services
 from avatalk.server.webrtc import (
     Call,
+    ViewerCall,
     WebRTCOutput,
     deliver_channel_message,
+    discard_track,
     pump_microphone,
     rtc_configuration,
 )
+from avatalk.streaming.events import ErrorEvent
 from avatalk.streaming.protocol import PersonaOptions, ProtocolError, SessionOptions
+from avatalk.streaming.session import ConversationSession
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["webrtc"])
@@ -175,4 +186,143 @@ async def webrtc_hang_up(session_id: str, request: Request) -> Response:
         raise HTTPException(404, f"there is no call {session_id!r}")
     release(svc, call.session, "webrtc hung up by the client")
     await call.close()
+    return Response(status_code=204)
+
+
+class ViewerOfferIn(BaseModel):
+    sdp: str = Field(min_length=1, max_length=MAX_SDP_CHARS)
+    type: Literal["offer"]
+
+
+class ViewerAnswerOut(BaseModel):
+    sdp: str
+    type: Literal["answer"]
+    session_id: str
+    viewer_id: str = Field(description="DELETE /v1/webrtc/{session_id}/viewers/{viewer_id} stops watching")
+
+
+def viewable_render_session(request: Request, session_id: str) -> ConversationSession:
+    """The live render session ``session_id`` with video, or the HTTP error that says why not.
+
+    404 when this server has no such session (it ended, or never existed), 409
+    when it is not a render session with video (nothing to watch).
+    """
+    svc = services(request)
+    session = None if svc.sessions.draining else svc.sessions.get(session_id)
+    if session is None:
+        raise HTTPException(404, f"there is no render session {session_id[:80]!r} on this server (it ended, or never existed)")
+    if session.mode != "render" or not session.configured:
+        raise HTTPException(
+            409, f"session {session_id!r} is not a render session: send session.update with mode 'render' first"
+        )
+    if session.video is None:
+        raise HTTPException(409, f"render session {session_id!r} has no video to watch (configure it with video or an avatar)")
+    return session
+
+
+@router.post(
+    "/v1/webrtc/{session_id}/viewers",
+    response_model=ViewerAnswerOut,
+    responses={
+        400: {"description": "bad SDP"},
+        401: {"description": "no, expired or forged viewer token"},
+        403: {"description": "a viewer token of another session"},
+        404: {"description": "no such render session"},
+        409: {"description": "not a render session with video, or it has webrtc.max_viewers viewers"},
+    },
+)
+async def watch_render_session(session_id: str, body: ViewerOfferIn, request: Request) -> ViewerAnswerOut:
+    """Answer a receive-only offer (audio + video) with the render session's ticks.
+
+    The auth middleware has already checked the viewer token (``Authorization:
+    Bearer`` or ``?token=``) against ``session_id``. The viewer sends nothing:
+    a microphone track is read and dropped, a data-channel message is answered
+    with ``wrong_mode``; the agent keeps every event on its WebSocket.
+    """
+    svc = services(request)
+    settings = svc.settings
+    session = viewable_render_session(request, session_id)
+    if session.viewer_count >= settings.webrtc.max_viewers:
+        raise HTTPException(
+            409, f"render session {session_id!r} already has {session.viewer_count} viewers (webrtc.max_viewers)"
+        )
+    if "m=audio" not in body.sdp or "m=video" not in body.sdp:
+        raise HTTPException(400, "the offer must contain an audio and a video media section (receive-only is enough)")
+    assert session.output_sample_rate is not None  # a configured session has its rates
+    output = WebRTCOutput(session.output_sample_rate)
+    pc = RTCPeerConnection(rtc_configuration(settings.webrtc.ice_servers))
+    viewer_id = uuid.uuid4().hex
+    viewer = ViewerCall(viewer_id, session, pc, output)
+    viewers = svc.webrtc_viewers
+
+    async def hang_up(reason: str) -> None:
+        if viewer.closed.is_set():
+            return
+        viewers.pop(viewer_id, None)
+        logger.info("session %s viewer %s left: %s", session_id, viewer_id, reason)
+        await viewer.close()
+
+    @pc.on("datachannel")
+    def on_datachannel(channel: object) -> None:
+        output.attach_channel(channel)
+        refusal = ErrorEvent(
+            code="wrong_mode",
+            message="a viewer only watches: the render session's agent sends its audio and events over its WebSocket",
+        )
+        channel.on("message", lambda _message: viewer.spawn(output.send_event(refusal)))  # type: ignore[attr-defined]
+
+    @pc.on("track")
+    def on_track(track: object) -> None:
+        viewer.spawn(discard_track(track))  # type: ignore[arg-type]
+
+    @pc.on("connectionstatechange")
+    async def on_state() -> None:
+        state = pc.connectionState
+        logger.info("session %s viewer %s webrtc connection %s", session_id, viewer_id, state)
+        if state in ("failed", "closed"):
+            await hang_up(f"connection {state}")
+
+    try:
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=body.sdp, type="offer"))
+        pc.addTrack(output.audio)
+        pc.addTrack(output.video)
+        await pc.setLocalDescription(await pc.createAnswer())
+    except Exception as error:  # aiortc raises ValueError, InvalidStateError, ... for unusable SDP
+        await hang_up("bad offer")
+        raise HTTPException(400, f"the SDP offer could not be used: {error or error.__class__.__name__}") from error
+    try:
+        session.add_viewer(output, lambda: hang_up("render session ended"))
+    except RuntimeError as error:  # the session closed while the offer was answered
+        await hang_up("render session ended")
+        raise HTTPException(404, f"render session {session_id!r} has ended") from error
+    viewers[viewer_id] = viewer
+
+    async def connect_deadline() -> None:
+        await asyncio.sleep(settings.webrtc.connect_timeout_s)
+        if pc.connectionState != "connected":
+            await hang_up("not connected in time")
+
+    viewer.spawn(connect_deadline())
+    logger.info("session %s viewer %s answered (%d watching)", session_id, viewer_id, session.viewer_count)
+    return ViewerAnswerOut(sdp=pc.localDescription.sdp, type="answer", session_id=session_id, viewer_id=viewer_id)
+
+
+@router.delete(
+    "/v1/webrtc/{session_id}/viewers/{viewer_id}",
+    status_code=204,
+    responses={
+        401: {"description": "no, expired or forged viewer token"},
+        403: {"description": "a viewer token of another session"},
+        404: {"description": "no such viewer"},
+    },
+)
+async def stop_watching(session_id: str, viewer_id: str, request: Request) -> Response:
+    """Stop watching a render session (the session itself goes on)."""
+    viewers = services(request).webrtc_viewers
+    viewer = viewers.get(viewer_id)
+    if viewer is None or viewer.session.id != session_id:
+        raise HTTPException(404, f"render session {session_id!r} has no viewer {viewer_id[:80]!r}")
+    viewers.pop(viewer_id, None)
+    logger.info("session %s viewer %s left: hung up by the viewer", session_id, viewer_id)
+    await viewer.close()
     return Response(status_code=204)

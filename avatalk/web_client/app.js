@@ -6,6 +6,10 @@
 // offer is POSTed once ICE gathering is complete.
 //
 // Page options (query string) and the window.avatalk test API: docs/web-client.md.
+//
+// Viewer mode (?view=SESSION&token=VIEWER_TOKEN): watch a render session (docs/protocol.md,
+// "Render-only sessions") whose agent sends its audio over a WebSocket: no microphone, no
+// data channel, receive-only audio and video, POSTed to v1/webrtc/SESSION/viewers.
 
 const params = new URLSearchParams(location.search);
 const flag = (name, fallback = false) => {
@@ -25,6 +29,8 @@ const options = {
   persona: parsePersona(params.get("persona")),
   showLatency: flag("latency"),
   text: flag("text", true),
+  // A render session to watch (viewer mode); its viewer token comes as ?token=.
+  view: params.get("view") || "",
   // A short-lived session token minted by the site's backend (POST /v1/tokens), when the
   // server has API keys. Sent as a Bearer header; removed from the address bar.
   token: params.get("token") || "",
@@ -98,7 +104,8 @@ const el = {
 const mode = options.kiosk ? "kiosk" : options.embed ? "embed" : "call";
 el.app.dataset.mode = mode;
 document.documentElement.dataset.mode = mode;
-if (!options.text) el.app.dataset.noText = "1";
+if (!options.text || options.view) el.app.dataset.noText = "1";
+if (options.view) el.app.dataset.viewer = "1";
 // Kiosk and embed overlay the captions on the video.
 if (mode !== "call") el.tile.insertBefore(el.captions, el.statePill);
 if (options.showLatency) el.latency.open = true;
@@ -111,6 +118,7 @@ const STATE_LABELS = {
   listening: "Listening",
   thinking: "Thinking",
   speaking: "Speaking",
+  watching: "Watching",
   ended: "Call ended",
   error: "Not connected",
 };
@@ -121,6 +129,7 @@ const call = {
   dc: null,
   mic: null,
   sessionId: null,
+  viewerId: null, // viewer mode: this page's id among the render session's viewers
   muted: false,
   statsTimer: null,
   disconnectTimer: null,
@@ -185,15 +194,17 @@ function setPhase(phase) {
   el.app.dataset.phase = phase;
   const inCall = phase === "connecting" || phase === "connected";
   el.start.hidden = inCall || phase === "error"; // an error has its own Retry button
-  el.mute.hidden = !inCall;
-  el.interrupt.hidden = !inCall;
+  el.mute.hidden = !inCall || !!options.view;
+  el.interrupt.hidden = !inCall || !!options.view;
   el.hangup.hidden = !inCall;
   el.picker.disabled = inCall;
   const canType = phase === "connected";
   el.textInput.disabled = !canType;
   el.send.disabled = !canType || !el.textInput.value.trim();
   el.interrupt.disabled = phase !== "connected";
-  el.start.querySelector("span").textContent = phase === "ended" ? "Call again" : "Start call";
+  el.start.querySelector("span").textContent = options.view
+    ? phase === "ended" ? "Watch again" : "Watch"
+    : phase === "ended" ? "Call again" : "Start call";
   el.placeholderHint.textContent = {
     idle: "Start a call to talk face to face",
     connecting: "Connecting…",
@@ -340,6 +351,7 @@ async function getMicrophone() {
 }
 
 async function connect(generation) {
+  if (options.view) return watch(generation);
   const stale = () => generation !== call.generation;
   const mic = await getMicrophone();
   if (stale()) {
@@ -425,6 +437,66 @@ async function connect(generation) {
   call.statsTimer = setInterval(() => pollStats(pc, generation), 500);
 }
 
+/** Viewer mode: receive-only audio + video of a render session; nothing is sent back. */
+async function watch(generation) {
+  const stale = () => generation !== call.generation;
+  const pc = new RTCPeerConnection({ iceServers: config.ice_servers || [] });
+  call.pc = pc;
+  pc.addTransceiver("audio", { direction: "recvonly" });
+  pc.addTransceiver("video", { direction: "recvonly" });
+  const remote = new MediaStream();
+  el.video.srcObject = remote;
+  pc.ontrack = (event) => {
+    if (stale()) return;
+    remote.addTrack(event.track);
+    if (event.track.kind === "video") watchFrames(generation);
+    playVideo();
+  };
+  pc.onconnectionstatechange = () => {
+    if (stale()) return;
+    if (pc.connectionState === "connected") {
+      setPhase("connected");
+      setState("watching");
+      postToParent({ type: "connected" });
+    } else if (pc.connectionState === "closed" && call.phase === "connected") {
+      endedByServer(); // the render session ended: the server hung up its viewers
+      return;
+    }
+    onConnectionState(pc, generation);
+  };
+  await pc.setLocalDescription(await pc.createOffer());
+  await iceGatheringComplete(pc);
+  if (stale()) return;
+  let response;
+  try {
+    response = await api(`v1/webrtc/${encodeURIComponent(options.view)}/viewers`, {
+      method: "POST",
+      headers: { "content-type": "application/json" },
+      body: JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type }),
+    });
+  } catch (error) {
+    throw new CallError("The server could not be reached. Check your network connection.", { kind: "network" });
+  }
+  if (stale()) return;
+  const answer = await response.json().catch(() => null);
+  if (!response.ok) {
+    const detail = describeDetail(answer?.detail) || `${response.status} ${response.statusText}`.trim();
+    const auth = response.status === 401 || response.status === 403;
+    throw new CallError(detail, {
+      title: auth ? "Not authorised" : response.status === 404 ? "Nothing to watch" : "Watching was refused",
+      hint: auth ? "Ask the agent that runs the render session for a fresh viewer link (viewer tokens expire)." : "",
+      kind: `http_${response.status}`,
+      retryable: response.status !== 401 && response.status !== 403,
+    });
+  }
+  if (!answer || !answer.sdp) throw new CallError("The server's answer had no SDP.", { kind: "protocol" });
+  call.viewerId = answer.viewer_id || null;
+  avatalk.sessionId = options.view;
+  await pc.setRemoteDescription({ type: answer.type || "answer", sdp: answer.sdp });
+  if (stale()) return;
+  call.statsTimer = setInterval(() => pollStats(pc, generation), 500);
+}
+
 function describeDetail(detail) {
   if (!detail) return "";
   if (typeof detail === "string") return detail;
@@ -493,7 +565,12 @@ function teardown({ notifyServer = true } = {}) {
   if (notifyServer && call.sessionId) {
     api(`v1/webrtc/${encodeURIComponent(call.sessionId)}`, { method: "DELETE", keepalive: true }).catch(() => {});
   }
+  if (notifyServer && call.viewerId) {
+    const path = `v1/webrtc/${encodeURIComponent(options.view)}/viewers/${encodeURIComponent(call.viewerId)}`;
+    api(path, { method: "DELETE", keepalive: true }).catch(() => {});
+  }
   call.sessionId = null;
+  call.viewerId = null;
   try {
     call.dc?.close();
   } catch {}
@@ -522,7 +599,7 @@ function endedByServer() {
     return;
   }
   showError(
-    new CallError(fatal?.message || "The server closed the call.", {
+    new CallError(fatal?.message || (options.view ? "The render session ended." : "The server closed the call."), {
       title: fatal?.code === "server_shutdown" ? "The server is restarting" : "Call ended",
       kind: fatal?.code || "closed",
     }),
@@ -1108,7 +1185,7 @@ document.addEventListener("keydown", (event) => {
   if (event.key === "Escape" && (avatalk.state === "speaking" || avatalk.state === "thinking")) interrupt();
 });
 window.addEventListener("pagehide", () => {
-  if (call.sessionId) teardown();
+  if (call.sessionId || call.viewerId) teardown();
 });
 window.addEventListener("message", (event) => {
   // embed.js asks the page to hang up before it removes the iframe.

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -80,32 +81,51 @@ class FrameGenerator:
         result: np.ndarray = faces[:size].cpu().numpy()
         return result
 
-    def warmup(self) -> None:
-        """Run every batch size once, so compilation happens before the first session, not during it.
+    def batch_sizes(self) -> tuple[int, ...]:
+        """Every batch size this generator runs: 1 to ``max_batch`` eagerly, the buckets when compiled."""
+        return self._buckets if self.compiled else tuple(range(1, self.max_batch + 1))
 
-        Call it from the thread that will generate: CUDA graphs captured by
-        torch.compile belong to the capturing thread. If compilation fails
-        (no compiler toolchain, an unsupported op), the generator falls back
-        to eager mode with a warning rather than leaving the renderer unusable.
+    def warmup(self, clock: Callable[[], float] = time.monotonic) -> dict[int, float]:
+        """Run every batch size twice; returns the seconds the second run of each took.
+
+        The first run of a shape pays for compilation, CUDA graph capture or
+        cuDNN's choice of algorithm; doing it here keeps that cost away from
+        the first sessions, and the measured times let the scheduler plan
+        the first batch of every size. Call it from the thread that will
+        generate: CUDA graphs captured by torch.compile belong to the
+        capturing thread. If compilation fails (no compiler toolchain, an
+        unsupported op), the generator falls back to eager mode with a
+        warning rather than leaving the renderer unusable.
         """
-        tokens, width = self.models.audio.tokens, self.models.audio.d_model
         started = time.perf_counter()
         try:
-            for size in self._buckets if self.compiled else (1,):
-                latents = torch.zeros(size, 8, 32, 32, device=self.device, dtype=self.dtype)
-                features = torch.zeros(size, tokens, width, device=self.device, dtype=self.dtype)
-                self.generate(latents, features)
+            costs = self._time_sizes(clock)
         except Exception:
             if not self.compiled:
                 raise
             logger.exception("torch.compile of the MuseTalk generator failed; running eagerly")
             self.compiled, self._forward = False, self._run
+            costs = self._time_sizes(clock)
         self.batches = self.frames = 0
         logger.info(
-            "MuseTalk generator warmed up in %.1f s (%s)",
+            "MuseTalk generator warmed up in %.1f s (%s, batch sizes %s)",
             time.perf_counter() - started,
             "compiled" if self.compiled else "eager",
+            ",".join(str(size) for size in costs),
         )
+        return costs
+
+    def _time_sizes(self, clock: Callable[[], float]) -> dict[int, float]:
+        tokens, width = self.models.audio.tokens, self.models.audio.d_model
+        costs: dict[int, float] = {}
+        for size in self.batch_sizes():
+            latents = torch.zeros(size, 8, 32, 32, device=self.device, dtype=self.dtype)
+            features = torch.zeros(size, tokens, width, device=self.device, dtype=self.dtype)
+            self.generate(latents, features)
+            started = clock()
+            self.generate(latents, features)  # ends with a copy to the host: synchronous
+            costs[size] = clock() - started
+        return costs
 
     def _run(self, latents: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         models = self.models

@@ -1,10 +1,18 @@
-"""MuseTalk networks with random weights, in the real v1.5 shapes or tiny ones, for benchmarks and tests.
+"""MuseTalk networks with random weights, in the real v1.5 shapes or smaller ones, for benchmarks and tests.
 
 Inference speed does not depend on the weights' values, so the benchmark
-times the real shapes without the real weights; the tests write tiny
-networks in the official file layout and load them with the real loader,
-so loading, features, scheduling and pasting are exercised end to end on a
-CPU. The code never downloads weights.
+times the real shapes without the real weights; the tests write networks
+in the official file layout and load them with the real loader, so
+loading, features, scheduling and pasting are exercised end to end on a
+CPU. Three sizes:
+
+- ``full``: the real UNet, SD VAE and Whisper-tiny (850 M + 84 M + 38 M parameters);
+- ``reduced``: the real Whisper-tiny (so audio features are full size) with
+  the UNet and VAE of the same block structure at reduced widths, small
+  enough for a 2-core CI machine;
+- ``tiny``: everything reduced, Whisper included (d_model 32).
+
+The code never downloads weights.
 """
 
 from __future__ import annotations
@@ -33,14 +41,14 @@ from avatalk.avatars.renderers.musetalk.loader import (
     for_inference,
 )
 
-Size = Literal["full", "tiny"]
+Size = Literal["full", "reduced", "tiny"]
 
 #: Token ids a tiny vocabulary can hold (Whisper's defaults point past it).
 _TINY_TOKENS = {"vocab_size": 64, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 3}
 
 
 def model_configs(size: Size, *, piece_s: int = 30) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """UNet, VAE and Whisper configs: the real ones (``full``) or the same structure with tiny widths.
+    """UNet, VAE and Whisper configs: the real ones (``full``) or the same structure with smaller widths.
 
     ``piece_s`` is the Whisper window in seconds (30 for real Whisper); a
     tiny model may use a shorter one so a test clip can fill whole windows.
@@ -48,7 +56,7 @@ def model_configs(size: Size, *, piece_s: int = 30) -> tuple[dict[str, Any], dic
     if size == "full":
         whisper = dict(WHISPER_TINY_CONFIG, max_source_positions=piece_s * 50)
         return dict(UNET_V15_CONFIG), dict(SD_VAE_CONFIG), whisper
-    width = 32
+    width = 32 if size == "tiny" else int(WHISPER_TINY_CONFIG["d_model"])
     unet = dict(
         UNET_V15_CONFIG,
         block_out_channels=[16, 16, 32, 32],
@@ -58,6 +66,8 @@ def model_configs(size: Size, *, piece_s: int = 30) -> tuple[dict[str, Any], dic
         cross_attention_dim=width,
     )
     vae = dict(SD_VAE_CONFIG, block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4)
+    if size == "reduced":
+        return unet, vae, dict(WHISPER_TINY_CONFIG, max_source_positions=piece_s * 50)
     whisper = dict(
         WHISPER_TINY_CONFIG,
         d_model=width,

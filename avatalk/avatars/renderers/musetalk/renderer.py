@@ -1,44 +1,49 @@
 """The MuseTalk renderer: official v1.5 weights, one GPU scheduler shared by every session.
 
-Per speaking tick a session turns the reply audio into MuseTalk's audio
-features (``features.py``), submits the frame to the shared scheduler
-(``scheduler.py``, which batches frames of all sessions through UNet + VAE
-decode) and pastes the generated 256 x 256 face back into the avatar's own
-frame through the avatar's feathered blend mask, in the session's own
-worker thread. Silent ticks and idle ticks show the avatar's frame as it
-is and never reach the GPU.
+Per speaking tick a session takes the official audio features of the reply
+segment the tick belongs to (``features.py``: each TTS segment is a clip,
+run through Whisper as the official pipeline runs a clip), submits the
+frame to the shared scheduler (``scheduler.py``, which batches frames of all
+sessions through UNet + VAE decode by deadline) and pastes the generated
+256 x 256 face back into the avatar's own frame with the v1.5 "jaw" blend
+(``blending.py``), in the session's own worker thread. Silent ticks and
+idle ticks show the avatar's frame as it is and never reach the GPU.
 
-Timing. The clock calls ``render(tick, audio)`` one tick (40 ms) before the
-tick is due, from a worker thread, and the frame must be back by then. A
-frame's audio features need 120 ms of audio after it (plus the encoder's
-right context), which one tick of audio does not give. Two ways in:
+Timing. The video stage calls ``look_ahead(tick, segments)`` and then
+``render(tick, audio)`` one tick (40 ms) before the tick is due, from a
+worker thread, and the frame must be back by then. The segments are whole
+sentences queued by the TTS, so:
 
-- ``render`` alone (what the clock does today): the frame is computed as if
-  the clip ended with the audio known so far, i.e. with a reduced right
-  context, and must be generated within ``frame_budget_ms`` of the call.
-  No added latency, a less accurate mouth.
-- ``look_ahead(tick, audio)`` first, with this tick's audio and the queued
-  audio after it (the clock has it: TTS queues whole sentences): frames are
-  generated up to ``look_ahead_ms`` ahead with full context, batched across
-  sessions, and ``render`` just collects them. Still no added latency; only
-  the last few frames before the queue runs dry are computed with the
-  reduced context, like a clip end.
+- the first time a segment comes within ``look_ahead_ms`` of playback its
+  features are computed at once (one Whisper pass per 30 s of it: a few
+  milliseconds on a GPU), and its frames up to ``look_ahead_ms`` ahead are
+  submitted with their own deadlines, batched with every other session's;
+- ``render`` collects the frame. The first frame of a reply waits for its
+  segment's features only, never for the rest of the reply.
+
+A tick whose segment was never announced (``render`` without
+``look_ahead``, as offline renders do) is drawn from the audio rendered so
+far as if the clip ended there, the official recipe on the known part.
 
 A frame not back in time is replaced by the idle frame and counted late;
-``stats`` (and a warning in the log) tell when a session degrades, so an overloaded GPU gives closed-mouth frames, never a stalled
-clock.
+``stats`` (and a warning in the log) tell when a session degrades, so an
+overloaded GPU gives closed-mouth frames, never a stalled clock. A batch
+that raises (a CUDA error) makes ``render`` raise ``RendererCannotServe``
+(``device_error``), which the fallback renderer answers by drawing the
+session with the classic renderer from then on.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
+import weakref
 from collections import OrderedDict, deque
-from concurrent.futures import Future
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -50,31 +55,25 @@ from avatalk.avatars.renderers.base import (
     SAMPLES_PER_TICK,
     AvatarDataCache,
     Renderer,
+    RendererCannotServe,
     RendererSession,
+    SpeechSegment,
     check_tick_audio,
     cycle_frame,
     output_shape_for,
 )
-from avatalk.avatars.renderers.musetalk.features import (
-    BLOCKS_AFTER,
-    HOP_LENGTH,
-    N_FFT,
-    SAMPLES_PER_WHISPER_FRAME,
-    AudioFeatureStream,
-    WhisperFeatureEncoder,
-)
+from avatalk.avatars.renderers.musetalk.blending import Paste, jaw_paste
+from avatalk.avatars.renderers.musetalk.features import SAMPLES_PER_WHISPER_FRAME, WhisperFeatureEncoder
 from avatalk.avatars.renderers.musetalk.generator import FrameGenerator
 from avatalk.avatars.renderers.musetalk.latents import compute_latents, load_latents, store_latents
 from avatalk.avatars.renderers.musetalk.loader import MuseTalkModels, load_musetalk
 from avatalk.avatars.renderers.musetalk.scheduler import RenderScheduler
 from avatalk.avatars.store import LoadedAvatar
 from avatalk.config import MuseTalkSettings, Settings
-from avatalk.media.timebase import TICK_S
+from avatalk.media.timebase import TICK_MS, TICK_S
 
 logger = logging.getLogger(__name__)
 
-#: Whisper frames of context are set in milliseconds; one Whisper frame is 20 ms.
-_MS_PER_WHISPER_FRAME = 20
 #: Health: a session is degraded after this many late frames among the last ``_HEALTH_WINDOW``
 #: generated ones, and recovers after ``_HEALTH_WINDOW`` on-time frames in a row.
 _HEALTH_WINDOW = 25
@@ -89,17 +88,8 @@ class RenderStats:
     generated: int = 0  # frames with a generated mouth
     silent: int = 0  # ticks quiet enough to show the idle frame
     late: int = 0  # idle frames shown because the generated one was not ready in time
-    failed: int = 0  # frames whose batch raised (shown idle too)
+    failed: int = 0  # frames whose batch raised
     degraded: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class _Paste:
-    """Where a generated face goes in one output frame, and how much of it shows."""
-
-    rows: slice
-    cols: slice
-    alpha: np.ndarray  # float32 (h, w, 1): the blend mask stretched to the box
 
 
 @dataclass(frozen=True)
@@ -107,51 +97,40 @@ class _AvatarData:
     """An avatar ready for one output size: scaled frames, paste geometry and latents on the device."""
 
     frames: tuple[np.ndarray, ...]
-    pastes: tuple[_Paste | None, ...]
+    pastes: tuple[Paste | None, ...]
     latents: torch.Tensor  # (N, 8, 32, 32) on the device
     shape: tuple[int, int]
 
 
 def _prepare_avatar(avatar: LoadedAvatar, output_size: int, latents: torch.Tensor) -> _AvatarData:
-    """Scale the frames and compute each frame's paste box and mask once (repeated frames share them)."""
+    """Scale the frames and compute each frame's jaw-mode paste once (repeated frames share them)."""
     height, width = avatar.frames[0].shape[:2]
     out_h, out_w = output_shape_for(width, height, output_size)
-    sx, sy = out_w / width, out_h / height
+    scale = np.array([out_w / width, out_h / height])
     interpolation = cv2.INTER_AREA if out_w < width else cv2.INTER_LINEAR
     scaled: dict[int, np.ndarray] = {}
-    pastes: dict[tuple[int, bytes], _Paste | None] = {}
+    pastes: dict[tuple[int, bytes], Paste | None] = {}
     frames_out: list[np.ndarray] = []
-    pastes_out: list[_Paste | None] = []
+    pastes_out: list[Paste | None] = []
     for index, frame in enumerate(avatar.frames):
         image = scaled.get(id(frame))
         if image is None:
-            if frame.shape[:2] == (out_h, out_w):
-                image = frame
-            else:
-                image = cv2.resize(frame, (out_w, out_h), interpolation=interpolation)
+            image = frame if frame.shape[:2] == (out_h, out_w) else cv2.resize(frame, (out_w, out_h), interpolation=interpolation)
             image.setflags(write=False)
             scaled[id(frame)] = image
         frames_out.append(image)
-        mask, box = avatar.masks[index], avatar.boxes[index]
-        key = (id(mask), box.tobytes())
+        key = (id(frame), avatar.boxes[index].tobytes())
         if key not in pastes:
-            x1, y1, x2, y2 = np.round(box.astype(np.float64) * np.array([sx, sy, sx, sy])).astype(int)
-            x1, x2 = max(0, x1), min(out_w, x2)
-            y1, y2 = max(0, y1), min(out_h, y2)
-            if x2 - x1 < 2 or y2 - y1 < 2:
-                pastes[key] = None
+            box = np.round(avatar.boxes[index].astype(np.float64) * np.tile(scale, 2)).astype(int)
+            pastes[key] = jaw_paste(avatar.landmarks[index] * scale, box, (out_h, out_w))
+            if pastes[key] is None:
                 logger.warning("avatar %s frame %d: face box too small to paste into", avatar.manifest.id, index)
-            else:
-                alpha = cv2.resize(mask, (x2 - x1, y2 - y1), interpolation=cv2.INTER_LINEAR)
-                alpha = (alpha.astype(np.float32) / 255.0)[..., None]
-                alpha.setflags(write=False)
-                pastes[key] = _Paste(slice(y1, y2), slice(x1, x2), alpha)
         pastes_out.append(pastes[key])
     return _AvatarData(tuple(frames_out), tuple(pastes_out), latents, (out_h, out_w))
 
 
-def paste_face(frame: np.ndarray, face: np.ndarray, paste: _Paste) -> np.ndarray:
-    """``frame`` with the generated 256 x 256 ``face`` resized into the box and blended through the mask."""
+def paste_face(frame: np.ndarray, face: np.ndarray, paste: Paste) -> np.ndarray:
+    """``frame`` with the generated 256 x 256 ``face`` resized into the crop box and blended through alpha."""
     height, width = paste.alpha.shape[:2]
     resized = cv2.resize(face, (width, height), interpolation=cv2.INTER_LINEAR).astype(np.float32)
     region = frame[paste.rows, paste.cols].astype(np.float32)
@@ -162,11 +141,14 @@ def paste_face(frame: np.ndarray, face: np.ndarray, paste: _Paste) -> np.ndarray
 
 
 class MuseTalkRenderer(Renderer):
-    """MuseTalk v1.5 on one device; owns the models, the scheduler thread and per-avatar data.
+    """MuseTalk v1.5 on one device; owns the models, the scheduler thread, per-avatar data and GPU slots.
 
     Loading the weights takes seconds and the scheduler thread runs until
     ``close``. ``models`` may be passed in (benchmarks, tests); otherwise
-    they are loaded from ``settings.models_dir``.
+    they are loaded from ``settings.models_dir``. ``open`` refuses (with
+    ``RendererCannotServe``) an avatar whose latents are not ready, starting
+    their computation in the background, and a session beyond
+    ``settings.max_sessions``: those sessions are the fallback renderer's.
     """
 
     name = "musetalk"
@@ -184,50 +166,115 @@ class MuseTalkRenderer(Renderer):
             channels_last=self.settings.channels_last,
             max_batch=self.settings.max_batch,
         )
+        # Warm-up runs every batch size once: compilation and cuDNN's algorithm choice happen now,
+        # and the scheduler starts with a measured cost for each size (a CPU learns them as it goes).
         self.scheduler = RenderScheduler(
             self.generator,
             max_batch=self.settings.max_batch,
             batch_window_s=self.settings.batch_window_ms / 1000,
-            warmup=self.generator.compiled,
+            warmup=self.generator.compiled or self.models.device.type == "cuda",
+            urgent_s=self.settings.frame_budget_ms / 1000,
         )
         self._max_avatars = max_avatars
         self._cache: AvatarDataCache[_AvatarData] = AvatarDataCache(max_avatars)
         self._latents: OrderedDict[tuple[Path, datetime], torch.Tensor] = OrderedDict()
+        self._preparing: dict[tuple[Path, datetime], Future[torch.Tensor]] = {}
+        self._latents_worker = ThreadPoolExecutor(1, thread_name_prefix="musetalk-latents")
         self._lock = threading.Lock()
+        self._sessions = 0
+
+    @property
+    def sessions(self) -> int:
+        """Sessions open now (each holds one of ``settings.max_sessions`` slots)."""
+        with self._lock:
+            return self._sessions
 
     def open(self, avatar: LoadedAvatar, output_size: int) -> MuseTalkSession:
-        data = self._cache.get(
-            avatar, output_size, lambda: _prepare_avatar(avatar, output_size, self._avatar_latents(avatar))
-        )
-        return MuseTalkSession(avatar, data, self.scheduler, self.models.audio, self.settings)
+        with self._lock:
+            if self._sessions >= self.settings.max_sessions:
+                raise RendererCannotServe(
+                    "gpu_full",
+                    f"the GPU already draws {self._sessions} sessions, its limit (AVATALK_MUSETALK__MAX_SESSIONS)",
+                )
+            self._sessions += 1
+        try:
+            latents = self._ready_latents(avatar)
+            data = self._cache.get(avatar, output_size, lambda: _prepare_avatar(avatar, output_size, latents))
+        except BaseException:
+            self._release()
+            raise
+        session = MuseTalkSession(avatar, data, self.scheduler, self.models.audio, self.settings)
+        # The slot is freed by close(), or when a session nobody closed is collected (offline renders).
+        session.release = weakref.finalize(session, self._release)
+        return session
+
+    def prepare(self, avatar: LoadedAvatar) -> None:
+        """Compute and store the avatar's latents now if they are missing (blocks; seconds on a GPU)."""
+        self._latents_future(avatar).result()
 
     def close(self) -> None:
         """Stop the scheduler; sessions still rendering get idle frames."""
         self.scheduler.close()
+        self._latents_worker.shutdown(wait=False, cancel_futures=True)
 
-    def _avatar_latents(self, avatar: LoadedAvatar) -> torch.Tensor:
-        """The avatar's latents on the device: stored ones, or computed now and stored for next time."""
+    def _release(self) -> None:
+        with self._lock:
+            self._sessions -= 1
+
+    def _ready_latents(self, avatar: LoadedAvatar) -> torch.Tensor:
+        """The avatar's latents on the device, or ``RendererCannotServe`` while they are being computed."""
         key = (avatar.path, avatar.manifest.created_at)
         with self._lock:
             cached = self._latents.get(key)
         if cached is not None:
             return cached
-        models = self.models
-        latents = load_latents(avatar, models.vae_id)
-        if latents is None:
-            started = time.perf_counter()
-            latents = compute_latents(avatar, models.vae, batch_size=self.settings.latents_batch)
-            logger.info(
-                "computed MuseTalk latents of avatar %s (%d frames) in %.1f s",
-                avatar.manifest.id,
-                len(latents),
-                time.perf_counter() - started,
-            )
-            try:
-                store_latents(avatar, latents, models.vae_id)
-            except (OSError, RuntimeError) as error:
-                logger.warning("could not store the latents of avatar %s (%s); kept in memory", avatar.manifest.id, error)
-        tensor = torch.from_numpy(latents).to(models.device, models.dtype)
+        stored = load_latents(avatar, self.models.vae_id)
+        if stored is not None:
+            return self._keep(key, stored)
+        self._latents_future(avatar)
+        raise RendererCannotServe(
+            "no_latents", f"avatar {avatar.manifest.id!r} has no MuseTalk latents yet; they are being computed"
+        )
+
+    def _latents_future(self, avatar: LoadedAvatar) -> Future[torch.Tensor]:
+        """The computation of the avatar's latents: the one running, or a new one (a failed one is retried)."""
+        key = (avatar.path, avatar.manifest.created_at)
+        with self._lock:
+            future = self._preparing.get(key)
+            if future is None or (future.done() and future.exception() is not None):
+                future = self._preparing[key] = self._latents_worker.submit(self._compute_latents, avatar)
+                future.add_done_callback(lambda done: self._computed(key, done))
+        return future
+
+    def _computed(self, key: tuple[Path, datetime], future: Future[torch.Tensor]) -> None:
+        """A finished computation is forgotten (its latents are in the cache and the avatar folder); a failed one
+        stays, so the next ``open`` retries it."""
+        if not future.cancelled() and future.exception() is None:
+            with self._lock:
+                if self._preparing.get(key) is future:
+                    del self._preparing[key]
+
+    def _compute_latents(self, avatar: LoadedAvatar) -> torch.Tensor:
+        key = (avatar.path, avatar.manifest.created_at)
+        stored = load_latents(avatar, self.models.vae_id)
+        if stored is not None:
+            return self._keep(key, stored)
+        started = time.perf_counter()
+        latents = compute_latents(avatar, self.models.vae, batch_size=self.settings.latents_batch)
+        logger.info(
+            "computed MuseTalk latents of avatar %s (%d frames) in %.1f s",
+            avatar.manifest.id,
+            len(latents),
+            time.perf_counter() - started,
+        )
+        try:
+            store_latents(avatar, latents, self.models.vae_id)
+        except (OSError, RuntimeError) as error:
+            logger.warning("could not store the latents of avatar %s (%s); kept in memory", avatar.manifest.id, error)
+        return self._keep(key, latents)
+
+    def _keep(self, key: tuple[Path, datetime], latents: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(latents).to(self.models.device, self.models.dtype)
         with self._lock:
             tensor = self._latents.setdefault(key, tensor)
             self._latents.move_to_end(key)
@@ -236,18 +283,51 @@ class MuseTalkRenderer(Renderer):
         return tensor
 
 
+@dataclass(eq=False)
+class _Segment:
+    """A reply segment (a clip): where it plays, its audio, and its Whisper states once computed."""
+
+    start: int  # 16 kHz sample of the session timeline
+    audio: np.ndarray
+    states: np.ndarray | None = None
+
+    @property
+    def stop(self) -> int:
+        return self.start + len(self.audio)
+
+    def overlap(self, tick: int) -> int:
+        """Samples of this segment in ``tick``."""
+        first = tick * SAMPLES_PER_TICK
+        return max(0, min(self.stop, first + SAMPLES_PER_TICK) - max(self.start, first))
+
+    def whisper_start(self, tick: int) -> int:
+        """The Whisper frame of this clip where ``tick`` starts (frame ``i`` of a clip on the grid: ``2 i``)."""
+        offset = tick * SAMPLES_PER_TICK - self.start
+        return (offset + SAMPLES_PER_WHISPER_FRAME // 2) // SAMPLES_PER_WHISPER_FRAME
+
+
+@dataclass(eq=False)
+class _Provisional:
+    """Ticks rendered without an announced segment: a clip that ends at the audio known so far."""
+
+    first_tick: int
+    audio: list[np.ndarray] = field(default_factory=list)
+
+
 @dataclass(slots=True)
 class _Pending:
     future: Future[np.ndarray | None]
     deadline: float
+    segment: _Segment | None
 
 
 class MuseTalkSession(RendererSession):
-    """One conversation rendered with MuseTalk: the speech segment's audio, frames in flight, health.
+    """One conversation rendered with MuseTalk: its reply segments, frames in flight, health.
 
     Called from one worker thread at a time (the session's video stage).
-    ``look_ahead_ticks`` is how much upcoming audio ``look_ahead`` can use.
     """
+
+    uses_look_ahead = True
 
     def __init__(
         self,
@@ -261,21 +341,14 @@ class MuseTalkSession(RendererSession):
         self._data = data
         self._scheduler = scheduler
         self._encoder = encoder
-        self._left = settings.context_left_ms // _MS_PER_WHISPER_FRAME
-        self._right = settings.context_right_ms // _MS_PER_WHISPER_FRAME
         self._budget_s = settings.frame_budget_ms / 1000
-        self._horizon = settings.look_ahead_ms // round(TICK_S * 1000)
+        self._horizon = settings.look_ahead_ms // TICK_MS
         self._silence_power: float = 10.0 ** (settings.silence_db / 10.0)
-        # Ticks of audio after a frame's own that make it ready: the blocks of the 2 ticks after
-        # it, whose windows reach `right` Whisper frames further, whose last mel frame reads
-        # half an STFT window beyond its centre (3 ticks for right = 0).
-        context = self._right * SAMPLES_PER_WHISPER_FRAME + N_FFT // 2 - HOP_LENGTH
-        self.context_ticks = BLOCKS_AFTER + math.ceil(context / SAMPLES_PER_TICK)
-        self.look_ahead_ticks = self._horizon + self.context_ticks
         self.stats = RenderStats()
-        self._stream: AudioFeatureStream | None = None
-        self._start = 0  # tick of the segment's first audio
-        self._next = 0  # first segment frame not yet submitted or skipped
+        #: Frees this session's GPU slot (set by the renderer; called by ``close``).
+        self.release: Callable[[], object] = lambda: None
+        self._segments: list[_Segment] = []
+        self._provisional: _Provisional | None = None
         self._pending: dict[int, _Pending] = {}
         self._anchor = (0, 0.0)  # (tick, time render(tick) is called)
         self._recent: deque[bool] = deque(maxlen=_HEALTH_WINDOW)
@@ -287,132 +360,154 @@ class MuseTalkSession(RendererSession):
     def idle_frame(self, tick: int) -> np.ndarray:
         return self._data.frames[cycle_frame(self._avatar, tick)]
 
-    def look_ahead(self, tick: int, audio: np.ndarray) -> None:
-        """Reply audio from ``tick`` on, known before it is played: generate its frames early.
-
-        Call it right before ``render(tick, ...)`` with that tick's audio
-        followed by the queued audio after it (whole ticks; a partial last
-        tick is ignored). Audio that differs from what an earlier call said
-        (the queue was cleared and refilled) replaces it.
-        """
-        samples = np.asarray(audio, dtype=np.float32).reshape(-1)
-        ticks = len(samples) // SAMPLES_PER_TICK
-        if ticks == 0:
-            return
+    def look_ahead(self, tick: int, segments: Sequence[SpeechSegment]) -> None:
+        """The queued reply segments: compute the features of those about to play and submit their frames early."""
         self._anchor = (tick, time.monotonic())
-        self._attach(tick, samples[: ticks * SAMPLES_PER_TICK])
-        self._submit_ready()
+        self._update_segments(tick, segments)
+        self._submit_ahead(tick)
 
     def render(self, tick: int, audio: np.ndarray) -> np.ndarray:
         samples = check_tick_audio(audio)
         now = time.monotonic()
         self._anchor = (tick, now)
         self.stats.frames += 1
-        self._attach(tick, samples)
-        self._submit_ready()
-        stream = self._stream
-        assert stream is not None
-        frame = tick - self._start
         for skipped in [t for t in self._pending if t < tick]:  # ticks the caller never asked for
             self._pending.pop(skipped).future.cancel()
         pending = self._pending.pop(tick, None)
-        try:
-            if self._silent(samples):
-                if pending is not None:
-                    pending.future.cancel()
-                self.stats.silent += 1
-                return self.idle_frame(tick)
-            if pending is None:
-                features = stream.features([frame], provisional=True)[0]
-                pending = self._submit(tick, features, now + self._budget_s)
-                self._next = max(self._next, frame + 1)
-            return self._collect(tick, pending)
-        finally:
-            stream.release(frame + 1)
+        if self._silent(samples):
+            if pending is not None:
+                pending.future.cancel()
+            self._provisional = None
+            self.stats.silent += 1
+            return self.idle_frame(tick)
+        if pending is None:
+            segment = self._owner(tick)
+            if segment is not None:
+                self._provisional = None
+                features = self._features(segment, [tick])[0]
+            else:
+                features = self._provisional_features(tick, samples)
+            pending = self._submit(tick, features, now + self._budget_s, segment)
+        return self._collect(tick, pending)
 
     def reset(self) -> None:
-        self._end_segment()
+        for pending in self._pending.values():
+            pending.future.cancel()
+        self._pending.clear()
+        self._segments = []
+        self._provisional = None
+
+    def close(self) -> None:
+        self.reset()
+        self.release()
 
     # --- internals ----------------------------------------------------------------
 
     def _silent(self, samples: np.ndarray) -> bool:
         return float(np.mean(np.square(samples, dtype=np.float64))) < self._silence_power
 
-    def _end_segment(self) -> None:
-        for pending in self._pending.values():
-            pending.future.cancel()
-        self._pending.clear()
-        self._stream = None
+    def _update_segments(self, tick: int, announced: Sequence[SpeechSegment]) -> None:
+        """Take the queued segments as the truth; frames made for segments that are gone are cancelled.
 
-    def _attach(self, tick: int, samples: np.ndarray) -> None:
-        """Make ``samples`` (whole ticks from ``tick`` on) part of the segment, starting a new one if needed.
-
-        The segment continues while ticks follow each other; a gap (idle
-        ticks between sentences), a jump back or audio that contradicts
-        what was known starts a new segment, as a new clip.
+        A known segment is kept (with its features) when one with the same
+        start and audio is announced again; one no longer announced is kept
+        only while it still covers this tick (the clock took its last audio
+        off the queue), otherwise it was dropped (barge-in, a refilled queue).
         """
-        stream = self._stream
-        ticks = len(samples) // SAMPLES_PER_TICK
-        known = 0
-        if stream is not None and self._start <= tick <= self._start + stream.known_blocks:
-            offset = (tick - self._start) * SAMPLES_PER_TICK
-            known = min(ticks, stream.known_blocks - (tick - self._start))
-            if known and not np.array_equal(
-                stream.samples(offset, offset + known * SAMPLES_PER_TICK), samples[: known * SAMPLES_PER_TICK]
-            ):
-                stream, known = None, 0
-        else:
-            stream = None
-        if stream is None:
-            self._end_segment()
-            stream = self._stream = AudioFeatureStream(self._encoder, left=self._left, right=self._right)
-            self._start, self._next = tick, 0
-        if known < ticks:
-            stream.push(samples[known * SAMPLES_PER_TICK :])
+        known = {segment.start: segment for segment in self._segments}
+        segments = []
+        for item in announced:
+            if not len(item.audio):
+                continue
+            old = known.pop(item.start, None)
+            same = old is not None and (
+                old.audio is item.audio or (len(old.audio) == len(item.audio) and np.array_equal(old.audio, item.audio))
+            )
+            segments.append(old if same and old is not None else _Segment(item.start, item.audio))
+        segments += [segment for segment in known.values() if segment.overlap(tick)]
+        segments.sort(key=lambda segment: segment.start)
+        self._segments = segments
+        for ticked, pending in list(self._pending.items()):
+            if pending.segment is not None and self._owner(ticked) is not pending.segment:
+                pending.future.cancel()
+                del self._pending[ticked]
 
-    def _submit_ready(self) -> None:
-        """Submit the frames whose full audio context is known, up to the look-ahead horizon."""
-        stream = self._stream
-        if stream is None:
-            return
+    def _owner(self, tick: int) -> _Segment | None:
+        """The segment a tick's frame is drawn from: the one with most audio in it (the later one on a tie)."""
+        best, most = None, 0
+        for segment in self._segments:
+            overlap = segment.overlap(tick)
+            if overlap and overlap >= most:
+                best, most = segment, overlap
+        return best
+
+    def _submit_ahead(self, tick: int) -> None:
+        """Submit the speaking frames of announced segments from ``tick`` up to the look-ahead horizon."""
         anchor_tick, anchor_time = self._anchor
-        first = max(self._next, anchor_tick - self._start)  # never frames of ticks already played
-        stop = min(stream.ready_frames(), anchor_tick + self._horizon + 1 - self._start)
-        frames = []
-        for frame in range(first, stop):
-            audio = stream.samples(frame * SAMPLES_PER_TICK, (frame + 1) * SAMPLES_PER_TICK)
-            if not self._silent(audio):
-                frames.append(frame)
-        self._next = max(self._next, stop)
-        if not frames:
-            return
-        for frame, features in zip(frames, stream.features(frames), strict=True):
-            tick = self._start + frame
-            call_time = anchor_time + (tick - anchor_tick) * TICK_S
-            self._pending[tick] = self._submit(tick, features, call_time + self._budget_s)
+        by_segment: dict[int, tuple[_Segment, list[int]]] = {}
+        for ahead in range(tick, tick + self._horizon + 1):
+            if ahead in self._pending:
+                continue
+            segment = self._owner(ahead)
+            if segment is None or self._silent(self._tick_audio(ahead)):
+                continue
+            by_segment.setdefault(id(segment), (segment, []))[1].append(ahead)
+        for segment, ticks in by_segment.values():
+            for ahead, features in zip(ticks, self._features(segment, ticks), strict=True):
+                call_time = anchor_time + (ahead - anchor_tick) * TICK_S
+                self._pending[ahead] = self._submit(ahead, features, call_time + self._budget_s, segment)
 
-    def _submit(self, tick: int, features: np.ndarray, deadline: float) -> _Pending:
+    def _tick_audio(self, tick: int) -> np.ndarray:
+        """The tick's audio as the announced segments place it (what ``render`` will be given)."""
+        first = tick * SAMPLES_PER_TICK
+        out = np.zeros(SAMPLES_PER_TICK, np.float32)
+        for segment in self._segments:
+            if segment.overlap(tick):
+                lo, hi = max(segment.start, first), min(segment.stop, first + SAMPLES_PER_TICK)
+                out[lo - first : hi - first] = segment.audio[lo - segment.start : hi - segment.start]
+        return out
+
+    def _features(self, segment: _Segment, ticks: list[int]) -> np.ndarray:
+        """The UNet's audio features of ``ticks`` from their segment's clip (encoded the first time it is needed)."""
+        if segment.states is None:
+            segment.states = self._encoder.encode(segment.audio)
+        return self._encoder.windows(segment.states, [segment.whisper_start(tick) for tick in ticks])
+
+    def _provisional_features(self, tick: int, samples: np.ndarray) -> np.ndarray:
+        """Features of a tick no segment announced: the official recipe on the clip rendered so far."""
+        clip = self._provisional
+        if clip is None or clip.first_tick + len(clip.audio) != tick:
+            clip = self._provisional = _Provisional(tick)
+        clip.audio.append(samples)
+        states = self._encoder.encode(np.concatenate(clip.audio))
+        return self._encoder.windows(states, [2 * (tick - clip.first_tick)])[0]
+
+    def _submit(self, tick: int, features: np.ndarray, deadline: float, segment: _Segment | None) -> _Pending:
         latents = self._data.latents[cycle_frame(self._avatar, tick)]
-        return _Pending(self._scheduler.submit(latents, features, deadline), deadline)
+        return _Pending(self._scheduler.submit(latents, features, deadline), deadline, segment)
 
     def _collect(self, tick: int, pending: _Pending) -> np.ndarray:
-        """Wait for the generated face until the deadline and paste it; the idle frame if it does not come."""
+        """Wait for the generated face until the deadline and paste it; the idle frame if it does not come.
+
+        A batch that raised means the device failed: ``RendererCannotServe``
+        (``device_error``), so the session is handed to the fallback renderer.
+        """
         face: np.ndarray | None = None
         try:
             face = pending.future.result(timeout=max(0.0, pending.deadline - time.monotonic()))
         except FutureTimeout:
             pending.future.cancel()
-        except Exception:  # the batch failed; the scheduler logged it
+        except Exception as error:  # the batch failed on the device; the scheduler logged it
             self.stats.failed += 1
-            return self.idle_frame(tick)
+            raise RendererCannotServe("device_error", f"the GPU failed: {type(error).__name__}: {error}") from error
         index = cycle_frame(self._avatar, tick)
-        paste = self._data.pastes[index]
         if face is None:
             self.stats.late += 1
             self._record(on_time=False)
             return self.idle_frame(tick)
         self._record(on_time=True)
         self.stats.generated += 1
+        paste = self._data.pastes[index]
         if paste is None:
             return self.idle_frame(tick)
         return paste_face(self._data.frames[index], face, paste)
@@ -430,4 +525,3 @@ class MuseTalkSession(RendererSession):
         elif self.stats.degraded and late == 0 and len(self._recent) == _HEALTH_WINDOW:
             self.stats.degraded = False
             logger.info("musetalk session recovered: the last %d frames were on time", _HEALTH_WINDOW)
-

@@ -1,15 +1,30 @@
 """One GPU worker for every MuseTalk session: frames batched across sessions, earliest deadline first.
 
 Sessions submit frames (latents, audio features, a deadline) from their own
-threads and get a ``Future``. The worker thread takes the frames with the
-earliest deadlines, up to ``max_batch``, runs them as one batch and resolves
-the futures. It is work-conserving: while frames are queued the GPU is never
-idle, and frames that arrive while a batch runs form the next one. A batch
-that is not full waits at most ``batch_window_s`` for more frames, and never
-past the point where its earliest frame would miss its deadline.
+threads and get a ``Future``. The worker thread runs the frames with the
+earliest deadlines as one batch and resolves the futures. It is
+work-conserving: while frames are queued the GPU is never idle, and frames
+that arrive while a batch runs form the next one. A batch that is not full
+waits at most ``batch_window_s`` for more frames, and never past the point
+where its earliest frame would miss its deadline.
 
-When the GPU cannot keep up, frames that would finish after their deadline
-are not run at all: their future resolves to ``None`` (the session shows the
+A larger batch makes more frames per second but takes longer, so it grows
+only while it still finishes before the deadline of its first (earliest)
+frame: the estimate of a batch of ``n + 1`` is checked against that deadline
+before each frame is added, and the frames left out stay queued for the
+next batch. This is what keeps the first frame of a reply on time while a
+queue of look-ahead frames (due later) waits behind it. A batch cannot be
+interrupted either, so a frame of a reply that starts while one runs must
+wait for it: with ``urgent_s`` (the budget of the most urgent frame a session
+submits, the renderer's frame budget) no batch is planned longer than
+``urgent_s`` minus the time of a batch of one, so that frame still makes it.
+The estimates are
+running means of measured batch times; the warm-up (on a GPU) measures
+every batch size before the first session, so even the first batch of each
+size is planned with a real cost.
+
+When the GPU cannot keep up, a frame that would be late even in a batch of
+its own is not run: its future resolves to ``None`` (the session shows the
 idle frame) and the time goes to frames that can still be on time, so an
 overload degrades every session a little instead of stalling them all.
 """
@@ -21,18 +36,32 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
-
-from avatalk.avatars.renderers.musetalk.generator import FrameGenerator
 
 logger = logging.getLogger(__name__)
 
 #: Weight of the newest batch in the running estimate of batch durations.
 _COST_SMOOTHING = 0.2
+
+
+class BatchGenerator(Protocol):
+    """What the scheduler runs: ``FrameGenerator``, or a stand-in with the same surface."""
+
+    device: torch.device
+    dtype: torch.dtype
+    max_batch: int
+
+    def bucket(self, size: int) -> int: ...
+
+    def generate(self, latents: torch.Tensor, features: torch.Tensor) -> np.ndarray: ...
+
+    def warmup(self, clock: Callable[[], float]) -> dict[int, float]: ...
 
 
 @dataclass(order=True)
@@ -54,6 +83,9 @@ class SchedulerStats:
     expired: int = 0  # frames dropped because they could not be ready by their deadline
     failed: int = 0  # frames whose batch raised
     busy_s: float = 0.0  # time spent running batches
+    #: Batches that stopped growing because one more frame would have made their first frame late,
+    #: or would have run too long for a reply's first frame submitted meanwhile (``urgent_s``).
+    capped: int = 0
 
     @property
     def mean_batch(self) -> float:
@@ -61,21 +93,31 @@ class SchedulerStats:
 
 
 class RenderScheduler:
-    """Batches frames of all sessions onto one ``FrameGenerator`` in a worker thread."""
+    """Batches frames of all sessions onto one generator in a worker thread."""
 
     def __init__(
         self,
-        generator: FrameGenerator,
+        generator: BatchGenerator,
         *,
         max_batch: int,
         batch_window_s: float = 0.002,
         warmup: bool = False,
+        urgent_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """With ``warmup``, the worker first runs ``generator.warmup()`` (compilation) and this waits for it."""
+        """With ``warmup``, the worker first runs every batch size once (and this waits for it).
+
+        ``urgent_s``: the shortest time between a frame's submission and its
+        deadline (None: no such bound, batches are limited by ``max_batch``
+        and the deadlines queued). ``clock`` is the time deadlines are given
+        in (``time.monotonic``; tests pass their own).
+        """
         self.generator = generator
         self.max_batch = min(max_batch, generator.max_batch)
         self.batch_window_s = batch_window_s
+        self.urgent_s = urgent_s
         self.stats = SchedulerStats()
+        self._clock = clock
         self._queue: list[_Job] = []
         self._sequence = itertools.count()
         self._cost: dict[int, float] = {}
@@ -91,7 +133,7 @@ class RenderScheduler:
 
         ``latents`` is the frame's ``(8, 32, 32)`` tensor on the device,
         ``features`` its ``(T, D)`` float32 audio features, ``deadline`` the
-        ``time.monotonic()`` by which the face is needed. Cancelling the
+        time (of ``clock``) by which the face is needed. Cancelling the
         future before its batch starts takes the frame out.
         """
         future: Future[np.ndarray | None] = Future()
@@ -99,7 +141,7 @@ class RenderScheduler:
             if self._closed:  # shutting down: the session shows idle frames
                 future.set_result(None)
                 return future
-            job = _Job(deadline, next(self._sequence), latents, features, future, time.monotonic())
+            job = _Job(deadline, next(self._sequence), latents, features, future, self._clock())
             heapq.heappush(self._queue, job)
             self._condition.notify()
         return future
@@ -117,6 +159,7 @@ class RenderScheduler:
         """Running estimate of how long a batch of ``size`` frames takes (0 before any has run)."""
         if not self._cost:
             return 0.0
+        size = self.generator.bucket(size)
         known = [s for s in self._cost if s >= size]
         if known:
             return self._cost[min(known)]
@@ -126,7 +169,9 @@ class RenderScheduler:
     def _loop(self, warmup: bool) -> None:
         try:
             if warmup:
-                self.generator.warmup()
+                costs = self.generator.warmup(self._clock)
+                with self._condition:
+                    self._cost.update(costs)
         finally:
             self._ready.set()
         while True:
@@ -141,6 +186,21 @@ class RenderScheduler:
             if job.future.set_running_or_notify_cancel():
                 job.future.set_result(None)
 
+    def _drop_hopeless(self, now: float) -> None:
+        """Take cancelled frames, and frames that would be late even alone, off the front of the queue."""
+        alone = self._estimate(1)
+        while self._queue:
+            job = self._queue[0]
+            if job.future.cancelled():
+                heapq.heappop(self._queue)
+            elif job.deadline < now + alone:
+                heapq.heappop(self._queue)
+                if job.future.set_running_or_notify_cancel():
+                    self.stats.expired += 1
+                    job.future.set_result(None)
+            else:
+                return
+
     def _take_batch(self) -> list[_Job] | None:
         """The next batch (possibly empty after dropping), or None once closed."""
         with self._condition:
@@ -148,31 +208,34 @@ class RenderScheduler:
                 self._condition.wait()
             if self._closed:
                 return None
-            # A lone frame waits briefly for frames of other sessions, unless that would make it late.
-            while len(self._queue) < self.max_batch and not self._closed:
-                now = time.monotonic()
+            self._drop_hopeless(self._clock())
+            # A batch that is not full waits briefly for frames of other sessions, unless that would make it late.
+            while self._queue and len(self._queue) < self.max_batch and not self._closed:
+                now = self._clock()
                 oldest = min(job.submitted for job in self._queue)
                 slack = self._queue[0].deadline - self._estimate(len(self._queue) + 1) - now
                 wait = min(oldest + self.batch_window_s - now, slack)
                 if wait <= 0:
                     break
                 self._condition.wait(wait)
+            now = self._clock()
+            self._drop_hopeless(now)
+            longest = float("inf") if self.urgent_s is None else self.urgent_s - self._estimate(1)
             batch: list[_Job] = []
-            now = time.monotonic()
             while self._queue and len(batch) < self.max_batch:
-                job = heapq.heappop(self._queue)
-                if not job.future.set_running_or_notify_cancel():
-                    continue  # cancelled by its session
-                if job.deadline < now + self._estimate(len(batch) + 1):
-                    self.stats.expired += 1
-                    job.future.set_result(None)
-                    continue
-                batch.append(job)
+                job = self._queue[0]
+                grown = self._estimate(len(batch) + 1)
+                if batch and (batch[0].deadline < now + grown or grown > longest):
+                    self.stats.capped += 1
+                    break  # one more frame would make a first frame late: the rest waits for the next batch
+                heapq.heappop(self._queue)
+                if job.future.set_running_or_notify_cancel():
+                    batch.append(job)
             return batch
 
     def _run(self, batch: list[_Job]) -> None:
         generator = self.generator
-        started = time.perf_counter()
+        started = self._clock()
         try:
             latents = torch.stack([job.latents for job in batch])
             features = torch.from_numpy(np.stack([job.features for job in batch]))
@@ -180,11 +243,12 @@ class RenderScheduler:
             faces = generator.generate(latents, features)
         except Exception as error:  # a failed batch must not kill the worker that every session shares
             logger.exception("MuseTalk batch of %d frames failed", len(batch))
-            self.stats.failed += len(batch)
+            with self._condition:
+                self.stats.failed += len(batch)
             for job in batch:
                 job.future.set_exception(error)
             return
-        elapsed = time.perf_counter() - started
+        elapsed = self._clock() - started
         with self._condition:
             size = generator.bucket(len(batch))
             previous = self._cost.get(size)
