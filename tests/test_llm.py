@@ -123,7 +123,7 @@ def stopped_at_once(produced: list[int], max_tokens: int) -> bool:
 
 @pytest.fixture(scope="module")
 async def smollm(executors: Executors) -> AsyncIterator[LLM]:
-    llm = create_llm(Settings(llm={"max_tokens": 32, "temperature": 0.0}), executors)
+    llm = create_llm(Settings(llm={"backend": "llama-cpp", "max_tokens": 32, "temperature": 0.0}), executors)
     yield llm
     await llm.aclose()
 
@@ -131,7 +131,7 @@ async def smollm(executors: Executors) -> AsyncIterator[LLM]:
 @pytest.fixture(scope="module")
 async def smollm_long(executors: Executors) -> AsyncIterator[LLM]:
     # A long reply cap makes "stops promptly" observable: finishing it would take seconds.
-    llm = create_llm(Settings(llm={"max_tokens": 400, "temperature": 0.0}), executors)
+    llm = create_llm(Settings(llm={"backend": "llama-cpp", "max_tokens": 400, "temperature": 0.0}), executors)
     yield llm
     await llm.aclose()
 
@@ -169,14 +169,16 @@ def test_llama_cpp_counts_tokens(smollm: LLM) -> None:
 
 def test_llama_cpp_missing_model(tmp_path: Path, executors: Executors) -> None:
     with pytest.raises(LLMError, match="does not exist"):
-        create_llm(Settings(llm={"llama_cpp": {"model_path": tmp_path / "missing.gguf"}}), executors)
+        create_llm(
+            Settings(llm={"backend": "llama-cpp", "llama_cpp": {"model_path": tmp_path / "missing.gguf"}}), executors
+        )
 
 
 def test_llama_cpp_invalid_model(tmp_path: Path, executors: Executors) -> None:
     bogus = tmp_path / "bogus.gguf"
     bogus.write_bytes(b"this is not a gguf file" * 100)
     with pytest.raises(LLMError, match="valid GGUF"):
-        create_llm(Settings(llm={"llama_cpp": {"model_path": bogus}}), executors)
+        create_llm(Settings(llm={"backend": "llama-cpp", "llama_cpp": {"model_path": bogus}}), executors)
 
 
 # --- OpenAI-compatible, against a fake server -----------------------------

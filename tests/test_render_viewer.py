@@ -72,7 +72,8 @@ class ViewerForTest:
         deadline = time.monotonic() + timeout
         while not condition():
             if time.monotonic() > deadline:
-                raise TimeoutError(f"viewer: condition not met ({len(self.frames)} frames, {len(self.audio)} audio)")
+                loud = self.loud_frames()
+                raise TimeoutError(f"viewer: not met after {len(self.frames)} frames, {len(self.audio)} audio ({loud} loud)")
             await asyncio.sleep(0.05)
 
     async def close(self) -> None:

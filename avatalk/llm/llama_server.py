@@ -35,6 +35,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from contextlib import aclosing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
@@ -216,17 +217,14 @@ class LlamaServerProcess:
     # ---- the supervisor thread -----------------------------------------------------------
 
     def _supervise(self) -> None:
-        first = True
         failures = 0
         while not self._stopping.is_set():
             started = time.monotonic()
             problem = self._run_once()
-            if first:
-                self._first_failure = problem
+            if not self._first_outcome.is_set():  # the first start failed: no retries
+                self._first_failure = problem or f"llama-server exited with status {self._last_exit} while starting"
                 self._first_outcome.set()
-                if problem is not None:
-                    return
-                first = False
+                return
             if self._stopping.is_set():
                 return
             failures = 0 if time.monotonic() - started >= _HEALTHY_RUN_S else failures + 1
@@ -267,6 +265,7 @@ class LlamaServerProcess:
         problem = self._wait_healthy(process)
         if problem is None:
             self._ready.set()
+            self._first_outcome.set()
             logger.info("llama-server ready on %s", self.base_url)
         else:
             _terminate(process)
@@ -403,6 +402,14 @@ def server_arguments(settings: LlamaServerLLMSettings, model_path: Path) -> list
     ]
 
 
+@dataclass(frozen=True)
+class PromptStats:
+    """How a reply's prompt was evaluated: tokens prefilled now, and tokens reused from the slot's cache."""
+
+    prefilled: int
+    cached: int
+
+
 class LlamaServerLLM(OpenAICompatibleLLM):
     """The OpenAI-compatible client, pointed at a llama-server it supervises, with a slot per session."""
 
@@ -433,6 +440,8 @@ class LlamaServerLLM(OpenAICompatibleLLM):
         self._slots = SlotTable(parallel)
         self._sampling = dict(sampling or {})
         self._ready_timeout_s = ready_timeout_s
+        #: The prompt of each recent session's last reply (bounded: the sessions that hold slots, and a few more).
+        self.prompt_stats: OrderedDict[str | None, PromptStats] = OrderedDict()
 
     @classmethod
     def from_settings(cls, settings: Settings, executors: Executors) -> Self:
@@ -485,7 +494,17 @@ class LlamaServerLLM(OpenAICompatibleLLM):
                 f"{self.server.output_tail() or '(none)'}"
             )
         slot = self._slots.acquire(session_key)
-        deltas = self._stream_from(messages, self._fields(slot))
+
+        def note_timings(timings: dict[str, Any]) -> None:
+            stats = PromptStats(int(timings.get("prompt_n", 0)), int(timings.get("cache_n", 0)))
+            self.prompt_stats[session_key] = stats
+            self.prompt_stats.move_to_end(session_key)
+            while len(self.prompt_stats) > 2 * self._slots.size:
+                self.prompt_stats.popitem(last=False)
+            logger.debug("slot %d: prompt of %d tokens, %d from the cache", slot, stats.prefilled + stats.cached,
+                         stats.cached)
+
+        deltas = self._stream_from(messages, self._fields(slot), on_timings=note_timings)
         try:
             async with aclosing(deltas):
                 async for delta in deltas:

@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any, Self
 
@@ -87,9 +87,17 @@ class OpenAICompatibleLLM(LLM):
                 yield delta
 
     async def _stream_from(
-        self, messages: list[ChatMessage], fields: dict[str, Any], max_tokens: int | None = None
+        self,
+        messages: list[ChatMessage],
+        fields: dict[str, Any],
+        max_tokens: int | None = None,
+        on_timings: Callable[[dict[str, Any]], None] | None = None,
     ) -> AsyncIterator[str]:
-        """POST one streamed chat completion (with extra request ``fields``) and yield its text deltas."""
+        """POST one streamed chat completion (with extra request ``fields``) and yield its text deltas.
+
+        ``on_timings`` receives the ``timings`` object llama-server adds to its
+        last chunk (prompt tokens evaluated and reused from the cache).
+        """
         url = self._completions_url()
         payload = {
             "model": self._model,
@@ -107,7 +115,7 @@ class OpenAICompatibleLLM(LLM):
                         f"LLM server at {url} answered HTTP {response.status_code}: {shorten_error_text(body)}"
                     )
                 async for line in response.aiter_lines():
-                    delta = self._parse_event_line(line, url)
+                    delta = self._parse_event_line(line, url, on_timings)
                     if delta is None:
                         return
                     if delta:
@@ -121,7 +129,9 @@ class OpenAICompatibleLLM(LLM):
         except httpx.HTTPError as error:
             raise LLMError(f"LLM server at {url} failed: {type(error).__name__}: {error}") from error
 
-    def _parse_event_line(self, line: str, url: str) -> str | None:
+    def _parse_event_line(
+        self, line: str, url: str, on_timings: Callable[[dict[str, Any]], None] | None = None
+    ) -> str | None:
         """The text delta of one SSE line: "" for lines without text, None at ``[DONE]``."""
         line = line.strip()
         if not line.startswith("data:"):
@@ -139,6 +149,9 @@ class OpenAICompatibleLLM(LLM):
             raise LLMError(
                 f"LLM server at {url} reported an error: {shorten_error_text(json.dumps(chunk['error']))}"
             )
+        timings = chunk.get("timings")
+        if on_timings is not None and isinstance(timings, dict):
+            on_timings(timings)
         choices = chunk.get("choices") or []
         if not choices:
             return ""  # e.g. a final usage-only chunk

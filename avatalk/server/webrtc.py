@@ -3,6 +3,10 @@
 Both outgoing tracks are fed by the session's media clock, one 40 ms tick at a
 time, and stamp their frames from the tick index (audio at 48 kHz, video at
 90 kHz) from one start: they cannot drift apart however long the call is.
+Each tick's audio leaves as two 20 ms frames at 48 kHz, one Opus packet each:
+aiortc gives every packet encoded from one frame the same RTP timestamp, so a
+40 ms frame would become two packets the receiver takes for one (half the
+sound lost).
 Events travel over a data channel labelled ``events`` as the same JSON the
 WebSocket protocol uses. A ``Call`` ties one peer connection to its session
 and the tasks started for it, so hanging up ends all of them.
@@ -25,7 +29,7 @@ from aiortc.mediastreams import MediaStreamError
 
 from avatalk.config import IceServer
 from avatalk.logs import task_context
-from avatalk.media.audio import float_to_pcm16
+from avatalk.media.audio import StreamResampler, float_to_pcm16
 from avatalk.media.timebase import FPS, samples_per_tick
 from avatalk.streaming.events import ErrorEvent, ServerEvent, encode_event
 from avatalk.streaming.protocol import ClientEvent, ProtocolError, parse_client_event
@@ -34,6 +38,8 @@ from avatalk.streaming.session import ConversationSession, SessionOutput
 logger = logging.getLogger(__name__)
 
 VIDEO_CLOCK_RATE = 90000
+OPUS_RATE = 48000  # what aiortc's Opus encoder runs at
+OPUS_FRAME_SAMPLES = 960  # 20 ms at 48 kHz: one audio frame, one Opus packet
 TICK_QUEUE = 4  # ticks buffered per track: a stalled sender drops old ticks instead of adding delay
 EVENT_BACKLOG = 256  # events kept until the data channel opens
 
@@ -65,9 +71,13 @@ def rtc_configuration(ice_servers: list[IceServer]) -> RTCConfiguration:
 class _TickTrack(MediaStreamTrack):
     """A track that plays whatever the clock puts into it, in order."""
 
+    frames_per_tick = 1
+
     def __init__(self) -> None:
         super().__init__()
-        self._queue: collections.deque[av.AudioFrame | av.VideoFrame] = collections.deque(maxlen=TICK_QUEUE)
+        self._queue: collections.deque[av.AudioFrame | av.VideoFrame] = collections.deque(
+            maxlen=TICK_QUEUE * self.frames_per_tick
+        )
         self._ready = asyncio.Event()
 
     def put(self, frame: av.AudioFrame | av.VideoFrame) -> None:
@@ -89,6 +99,7 @@ class _TickTrack(MediaStreamTrack):
 
 class ClockAudioTrack(_TickTrack):
     kind = "audio"
+    frames_per_tick = 2  # 20 ms frames
 
 
 class ClockVideoTrack(_TickTrack):
@@ -101,6 +112,9 @@ class WebRTCOutput:
     def __init__(self, sample_rate: int) -> None:
         self.sample_rate = sample_rate
         self.samples_per_tick = samples_per_tick(sample_rate)
+        self._to_opus_rate = StreamResampler(sample_rate, OPUS_RATE)
+        self._pending = np.zeros(0, dtype=np.float32)  # 48 kHz audio not yet cut into 20 ms frames
+        self._audio_pts: int | None = None
         # aiortc's senders encode these tracks (Opus, VP8) with ``run_in_executor(None, ...)``, on the
         # event loop's default executor, and have no option for another pool: that work stays there,
         # off avatalk's named executors (the default pool is otherwise left to short file I/O).
@@ -127,12 +141,19 @@ class WebRTCOutput:
 
     async def send_tick(self, tick: int, audio: np.ndarray | None, frame: np.ndarray | None) -> None:
         """Silence is sent too: RTP audio runs continuously, stamped by tick."""
-        pcm = np.frombuffer(float_to_pcm16(self._silence if audio is None else audio), dtype=np.int16)
-        audio_frame = av.AudioFrame.from_ndarray(pcm[None, :], format="s16", layout="mono")
-        audio_frame.sample_rate = self.sample_rate
-        audio_frame.pts = tick * self.samples_per_tick
-        audio_frame.time_base = Fraction(1, self.sample_rate)
-        self.audio.put(audio_frame)
+        if self._audio_pts is None:
+            self._audio_pts = tick * samples_per_tick(OPUS_RATE)
+        samples = self._to_opus_rate.process(self._silence if audio is None else audio)
+        self._pending = np.concatenate([self._pending, samples])
+        while len(self._pending) >= OPUS_FRAME_SAMPLES:
+            part, self._pending = self._pending[:OPUS_FRAME_SAMPLES], self._pending[OPUS_FRAME_SAMPLES:]
+            pcm = np.frombuffer(float_to_pcm16(part), dtype=np.int16)
+            audio_frame = av.AudioFrame.from_ndarray(pcm[None, :], format="s16", layout="mono")
+            audio_frame.sample_rate = OPUS_RATE
+            audio_frame.pts = self._audio_pts
+            audio_frame.time_base = Fraction(1, OPUS_RATE)
+            self._audio_pts += OPUS_FRAME_SAMPLES
+            self.audio.put(audio_frame)
         if frame is not None:
             video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
             video_frame.pts = tick * (VIDEO_CLOCK_RATE // FPS)
