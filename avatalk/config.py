@@ -125,7 +125,10 @@ class LlamaServerLLMSettings(BaseModel):
         "its oldest exchange (llama-server --cache-reuse; 0 = off)",
     )
     cache_ram_mib: int = Field(
-        256, ge=0, description="host memory for prompts of idle slots (llama-server --cache-ram; 0 = off)"
+        0,
+        ge=0,
+        description="host memory for prompts of evicted slots (llama-server --cache-ram; 0 = off). Off by default: "
+        "in this llama.cpp version a restored prompt could carry another session's conversation",
     )
     sampling: dict[str, float | int | bool] = Field(
         default_factory=dict,

@@ -323,21 +323,23 @@ class HAProxy:
                 chunks.append(chunk)
         return b"".join(chunks).decode()
 
-    def servers(self) -> dict[str, dict[str, str]]:
-        """Each server of the ``avatalk`` backend: its status (UP, DOWN, ...), weight and current sessions."""
+    def servers(self, backend: str = "avatalk_sessions") -> dict[str, dict[str, str]]:
+        """Each server of a backend (new sessions by default): its status (UP, DOWN, ...), weight, sessions."""
         lines = self.command("show stat").splitlines()
         header = lines[0].lstrip("# ").split(",")
         rows = {}
         for line in lines[1:]:
             values = dict(zip(header, line.split(","), strict=False))
-            if values.get("pxname") == "avatalk" and values.get("svname") not in ("FRONTEND", "BACKEND", None):
+            if values.get("pxname") == backend and values.get("svname") not in ("FRONTEND", "BACKEND", None):
                 rows[values["svname"]] = values
         return rows
 
-    def wait_until(self, predicate, timeout_s: float = 30.0, what: str = "the servers' state") -> dict:
+    def wait_until(
+        self, predicate, timeout_s: float = 30.0, what: str = "the servers' state", backend: str = "avatalk_sessions"
+    ) -> dict:
         deadline = time.monotonic() + timeout_s
         while True:
-            servers = self.servers()
+            servers = self.servers(backend)
             if predicate(servers):
                 return servers
             if time.monotonic() > deadline:
@@ -365,19 +367,21 @@ def loopback_config(config: str, port: int, nodes: list[Node], stats_socket: Pat
     text = text.replace("/etc/haproxy/errors/", f"{HAPROXY_CFG.parent}/errors/")
     # A test needs few connections (and may not raise its file limit to what 20000 need).
     text = re.sub(r"(?m)^(\s*)maxconn \d+$", r"\1maxconn 1000", text)
-    # The documented servers are examples: the test's nodes replace them.
+    # The documented servers are examples: the test's nodes replace them, with fast checks.
     text = re.sub(r"(?m)^\s*(server|use-server) node\d.*\n", "", text)
-    servers = "".join(
-        f"    use-server {node.name} if {{ path_beg /v1/webrtc/{node.name}. }}\n" for node in nodes
-    ) + "".join(
-        f"    server {node.name} 127.0.0.1:{node.port} check agent-port {node.agent_port} "
-        f"inter 300ms fall 1 rise 1 agent-inter 300ms\n"
+    fast = "inter 300ms fall 1 rise 1"
+    session_servers = "".join(
+        f"    server {node.name} 127.0.0.1:{node.port} check agent-port {node.agent_port} {fast} agent-inter 300ms\n"
         for node in nodes
     )
-    marker = "    # --- nodes ---\n"
-    if marker not in text:
-        raise RuntimeError(f"{HAPROXY_CFG} has no '# --- nodes ---' line for the test to put its nodes under")
-    return text.replace(marker, marker + servers, 1)
+    servers = "".join(
+        f"    use-server {node.name} if {{ path_beg /v1/webrtc/{node.name}. }}\n" for node in nodes
+    ) + "".join(f"    server {node.name} 127.0.0.1:{node.port} check {fast}\n" for node in nodes)
+    for marker, lines in (("    # --- session nodes ---\n", session_servers), ("    # --- nodes ---\n", servers)):
+        if marker not in text:
+            raise RuntimeError(f"{HAPROXY_CFG} has no {marker.strip()!r} line for the test to put its nodes under")
+        text = text.replace(marker, marker + lines, 1)
+    return text
 
 
 def face_video(path: Path, seconds: int = 6) -> Path:

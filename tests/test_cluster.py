@@ -73,6 +73,9 @@ class Cluster:
             lambda servers: all(s["status"] == "UP" and s["weight"] != "0" for s in servers.values()),
             what="every node UP with a weight",
         )
+        self.haproxy.wait_until(
+            lambda servers: all(s["status"] == "UP" for s in servers.values()), what="every node UP", backend="avatalk"
+        )
 
     def restart(self, name: str) -> None:
         node = self.nodes[name]
@@ -188,6 +191,9 @@ async def test_sessions_spread_evenly_and_a_full_deployment_refuses_clearly(clus
             finally:
                 await pc.close()
             assert offer.status_code == 503 and offer.json()["code"] == "server_full"
+            # Only new sessions are refused: the API still answers through the balancer.
+            assert (await http.get(f"{cluster.haproxy.base_url}/v1/avatars")).status_code == 200
+            assert (await http.post(f"{cluster.haproxy.base_url}/v1/tokens", json={})).status_code != 503
             # The sessions already running are untouched: each still completes a turn.
             done = await asyncio.gather(*(turn_completes(client) for client in clients))
             assert [d["status"] for d in done] == ["completed"] * len(clients)
@@ -417,6 +423,7 @@ async def test_a_draining_node_leaves_the_pool_and_its_sessions_are_told(cluster
                 break
             await asyncio.sleep(0.1)
         assert [e["code"] for e in call_events if e["type"] == "error"] == ["server_shutdown"], (call, call_events)
+        await asyncio.wait_for(hung_up.wait(), 60)  # then hung up
         await asyncio.to_thread(
             cluster.haproxy.wait_until,
             lambda servers: servers[victim]["status"] != "UP",

@@ -81,8 +81,20 @@ async def wait_for_audio(client: AvatalkClient, ticks: int, timeout: float = 60.
         await asyncio.sleep(0.02)
 
 
-def after(client: AvatalkClient, event: Event) -> list[Event]:
-    return client.events[client.events.index(event) + 1 :]
+async def speak(
+    client: AvatalkClient, audio: np.ndarray, until: Callable[[Event], bool], timeout: float = 90.0
+) -> Event:
+    """Stream ``audio`` at real-time pace, then silence, as an open microphone does, until an event matches."""
+    mark = len(client.events)
+    await client.stream_audio(audio, 16000)
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [event for event in client.events[mark:] if until(event)]
+        if found:
+            return found[0]
+        if time.monotonic() > deadline or client.closed.is_set():
+            raise TimeoutError(f"no such event; got {[event['type'] for event in client.events[mark:]]}")
+        await client.stream_audio(silence(0.1), 16000)
 
 
 def audio_between(client: AvatalkClient, first: Event, last: Event) -> int:
@@ -234,9 +246,12 @@ async def test_typed_text_interrupts_a_reply_with_new_input(server: LiveServer) 
 # --- Turn-taking -----------------------------------------------------------------------------
 
 
-async def test_commit_ends_the_turn_without_waiting_for_silence(live_server_factory, speech) -> None:
+async def test_commit_ends_the_turn_without_waiting_for_silence(live_server_factory, engine_models, speech) -> None:
     """Push-to-talk: end-of-turn silences of 3 s, 1 s of silence sent, then the commit ends the turn."""
-    server = live_server_factory(turns={"semantic": False, "end_silence_ms": 3000, "sentence_end_silence_ms": 3000})
+    server = live_server_factory(
+        models=with_models(engine_models, turn=None),  # no smart-turn model: only the 3 s silences end a turn
+        turns={"end_silence_ms": 3000, "sentence_end_silence_ms": 3000},
+    )
     client = await open_session(server.ws_url)
     try:
         await client.stream_audio(np.concatenate([silence(0.3), trimmed(speech("What is two plus two?")), silence(1.0)]), 16000)
@@ -263,8 +278,9 @@ async def test_commit_ends_the_turn_without_waiting_for_silence(live_server_fact
 async def test_a_short_noise_is_ignored_as_speech_ignored(server: LiveServer, speech) -> None:
     client = await open_session(server.ws_url)
     try:
-        await client.stream_audio(np.concatenate([silence(0.5), blip(speech), silence(1.0)]), 16000)
-        ignored = await client.wait_for(lambda e: e["type"] == "input_audio_buffer.speech_ignored", timeout=10)
+        ignored = await speak(
+            client, np.concatenate([silence(0.5), blip(speech)]), lambda e: e["type"] == "input_audio_buffer.speech_ignored"
+        )
         assert 0 < ignored["speech_ms"] < 250  # turns.min_speech_ms
         # Nothing else comes of it: the next thing the session does is answer a typed message.
         mark = len(client.events)
@@ -283,8 +299,7 @@ async def test_speech_shorter_than_barge_in_ms_does_not_interrupt(server: LiveSe
     client = await open_session(server.ws_url, greeting=True, persona={"greeting": GREETING})
     try:
         await wait_for_audio(client, ONE_SECOND_OF_TICKS)
-        await client.stream_audio(np.concatenate([blip(speech), silence(1.0)]), 16000)
-        ignored = await client.wait_for(lambda e: e["type"] == "input_audio_buffer.speech_ignored", timeout=30)
+        ignored = await speak(client, blip(speech), lambda e: e["type"] == "input_audio_buffer.speech_ignored")
         done = await client.wait_for(lambda e: e["type"] == "response.done", timeout=90)
         assert client.events.index(ignored) < client.events.index(done)  # heard while the reply played
         assert done["status"] == "completed" and done["text"] == GREETING
@@ -297,8 +312,9 @@ async def test_partial_transcripts_arrive_while_the_user_speaks(server: LiveServ
     question = speech("What is two plus two? And what is three plus three, if you please?")
     client = await open_session(server.ws_url)
     try:
-        await client.stream_audio(np.concatenate([silence(0.3), question, silence(1.5)]), 16000)
-        heard = await client.wait_for(lambda e: e["type"] == "input_audio_transcription.completed", timeout=30)
+        heard = await speak(
+            client, np.concatenate([silence(0.3), question]), lambda e: e["type"] == "input_audio_transcription.completed"
+        )
         started = client.events_of("input_audio_buffer.speech_started")[0]
         stopped = client.events_of("input_audio_buffer.speech_stopped")[0]
         partials = client.events[client.events.index(started) : client.events.index(stopped)]
@@ -316,8 +332,9 @@ async def test_an_empty_transcript_ends_the_turn_with_status_empty(live_server_f
     server = live_server_factory(models=models)
     client = await open_session(server.ws_url)
     try:
-        await client.stream_audio(np.concatenate([silence(0.3), speech("What is two plus two?"), silence(1.5)]), 16000)
-        done = await client.wait_for(lambda e: e["type"] == "response.done", timeout=30)
+        done = await speak(
+            client, np.concatenate([silence(0.3), speech("What is two plus two?")]), lambda e: e["type"] == "response.done"
+        )
         heard = client.events_of("input_audio_transcription.completed")
         assert [e["transcript"] for e in heard] == [""] and heard[0]["turn_id"] == done["turn_id"]
         assert done["status"] == "empty" and done["text"] == ""
@@ -331,15 +348,32 @@ async def test_an_empty_transcript_ends_the_turn_with_status_empty(live_server_f
 async def test_speech_during_the_transcription_continues_that_turn(live_server_factory, engine_models, speech) -> None:
     """No barge-in while transcribing: turn 1 gets no reply of its own, its words join turn 2's question."""
     llm = EchoLLMForTest("user")
-    models = with_models(engine_models, asr=SlowASRForTest(engine_models.asr, delay_s=1.5), llm=llm)
-    server = live_server_factory(models=models)
+    # Every transcription takes 1.5 s longer; without the smart-turn model a turn ends after 500 ms of silence
+    # at most, so turn 1 is still being transcribed when the user goes on, and its transcript arrives while
+    # the user is in the middle of the long second sentence.
+    slow = SlowASRForTest(engine_models.asr, delay_s=1.5)
+    server = live_server_factory(models=with_models(engine_models, asr=slow, llm=llm, turn=None))
     client = await open_session(server.ws_url)
     try:
-        await client.stream_audio(np.concatenate([silence(0.3), speech("What is two plus two?"), silence(0.6)]), 16000)
-        first = await client.wait_for(lambda e: e["type"] == "input_audio_buffer.speech_stopped", timeout=30)
+        first = await speak(
+            client,
+            np.concatenate([silence(0.3), speech("What is two plus two?")]),
+            lambda e: e["type"] == "input_audio_buffer.speech_stopped",
+        )
+        assert not client.events_of("input_audio_transcription.completed")  # still being transcribed
         # The user goes on at once, while turn 1 is still being transcribed.
-        await client.stream_audio(np.concatenate([speech("And what is three plus three?"), silence(2.0)]), 16000)
-        done = await client.wait_for(lambda e: e["type"] == "response.done" and e["status"] == "completed", timeout=90)
+        done = await speak(
+            client,
+            speech("And what is three plus three, and after that, what is four plus four, if you please?"),
+            lambda e: e["type"] == "response.done" and e["status"] == "completed",
+            timeout=120,
+        )
+        heard_first = [e for e in client.events if e["type"] == "input_audio_transcription.completed"][0]
+        second_started = client.events_of("input_audio_buffer.speech_started")[1]
+        second_stopped = client.events_of("input_audio_buffer.speech_stopped")[1]
+        order = [client.events.index(e) for e in (first, second_started, heard_first, second_stopped)]
+        print("EVENTS", [(i, e["type"], e.get("turn_id"), e.get("transcript", e.get("status", e.get("state")))) for i, e in enumerate(client.events)])
+        assert order == sorted(order), [(e["type"], e.get("turn_id"), e.get("transcript", e.get("status"))) for e in client.events]  # turn 1 heard mid-turn-2
         set_aside = [e for e in client.events if e["type"] == "response.done" and e["turn_id"] == first["turn_id"]]
         assert [(e["status"], e["text"]) for e in set_aside] == [("interrupted", "")]
         interrupted = client.events_of("response.interrupted")

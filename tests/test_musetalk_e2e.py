@@ -17,7 +17,7 @@ In CI the UNet and VAE have the v1.5 block structure at reduced widths
 run (UNet 850 M parameters, the real SD VAE, about 4 minutes on 2 cores,
 3.4 GB of weights written to a temporary folder) is::
 
-    AVATALK_MUSETALK_E2E_SIZE=full .venv/bin/python -m pytest -q tests/test_musetalk_e2e.py
+    MUSETALK_E2E_SIZE=full .venv/bin/python -m pytest -q tests/test_musetalk_e2e.py
 """
 
 from __future__ import annotations
@@ -52,9 +52,8 @@ from avatalk.avatars.renderers.musetalk.random_models import write_layout  # noq
 from avatalk.avatars.store import AvatarStore, LoadedAvatar  # noqa: E402
 from avatalk.streaming.clock import MediaClock  # noqa: E402
 
-pytestmark = pytest.mark.slow
-
-SIZE = os.environ.get("AVATALK_MUSETALK_E2E_SIZE", "reduced")
+SIZE = os.environ.get("MUSETALK_E2E_SIZE", "reduced")
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800 if SIZE == "full" else 300)]
 OUTPUT = 128
 TICKS = 3
 
@@ -62,7 +61,7 @@ TICKS = 3
 @pytest.fixture(scope="module")
 def layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if SIZE not in ("reduced", "full"):
-        raise ValueError(f"AVATALK_MUSETALK_E2E_SIZE must be reduced or full, not {SIZE!r}")
+        raise ValueError(f"MUSETALK_E2E_SIZE must be reduced or full, not {SIZE!r}")
     return write_layout(tmp_path_factory.mktemp("models"), SIZE, seed=7)
 
 
@@ -160,14 +159,14 @@ async def test_speaking_frames_equal_the_official_forward(
     for index, tick in enumerate(ticks):
         frame_index = int(avatar.cycle[tick % len(avatar.cycle)])
         source, box = avatar.frames[frame_index], avatar.boxes[frame_index]
-        latents = reference.latents(source, box)
-        # avatalk stores latents as float16: they match the reference's, and the reference then uses the same rounding.
-        stored_latents = load_latents(avatar, musetalk.models.vae_id)
-        assert stored_latents is not None
-        np.testing.assert_allclose(stored_latents[frame_index], latents[0].numpy(), rtol=2e-3, atol=2e-3)
-        face = reference.face(latents.half().float(), prompts[index])
-        d = np.abs(faces[index].astype(int) - face.astype(int)); print("DIFF", d.max(), (d > 0).mean(), (d > 1).sum())
-        assert d.max() <= 1
+        # avatalk stores latents as float16: they must be the reference's own latents to that precision, and the
+        # reference forward then takes the stored ones (a float16 rounding flip would move a pixel by 2 levels).
+        stored = load_latents(avatar, musetalk.models.vae_id)
+        assert stored is not None
+        np.testing.assert_allclose(stored[frame_index], reference.latents(source, box)[0].numpy(), rtol=2e-3, atol=2e-3)
+        face = reference.face(torch.from_numpy(stored[frame_index : frame_index + 1]).float(), prompts[index])
+        difference = np.abs(faces[index].astype(int) - face.astype(int))
+        assert difference.max() <= 1 and (difference > 0).mean() < 1e-3  # float32 sums in another order
         paste = jaw_paste(avatar.landmarks[frame_index], box, source.shape[:2])
         assert paste is not None
         x1, y1, x2, y2 = (int(v) for v in box)

@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import websockets
 from websockets.asyncio.client import ClientConnection
 
@@ -67,6 +68,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_URL = "ws://127.0.0.1:8000/v1/ws"
 SEND_PIECE_S = 0.1  # TTS audio goes out in pieces of at most this much (well under any frame limit)
+# An utterance's first audio goes out once this much of it is there (or at its end): the server
+# plays what it has at each tick, so a first frame shorter than a tick would leave the rest of
+# that tick silent when the next frame comes a moment too late.
+PREROLL_S = 0.12
 RELEASE_TOLERANCE_S = TICK_S  # a held frame may come out up to one tick before its audio has all played
 RECONNECT_DELAYS_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 
@@ -210,6 +215,7 @@ class AvatalkVideoService(FrameProcessor):
         self._utterances: deque[_Utterance] = deque()  # sent and not yet over, oldest first
         self._sent_s = 0.0
         self._played_s = 0.0
+        self._preroll: list[np.ndarray] | None = None  # the open utterance's first audio, not sent yet
         self._held: deque[tuple[float, Frame]] = deque()  # (seconds of audio that must play first, frame)
         self._clearing = False  # a clear was sent and not yet confirmed
         self._stale_until: int | None = None  # ticks up to this one may still carry cleared audio
@@ -228,6 +234,24 @@ class AvatalkVideoService(FrameProcessor):
             self._open = _Utterance(self._next_utterance_id, frame.context_id)
             self._next_utterance_id += 1
             self._utterances.append(self._open)
+            self._preroll = []
+        if self._preroll is not None:
+            self._preroll.append(samples)
+            if self._preroll_s < PREROLL_S:
+                return
+            samples, self._preroll = np.concatenate(self._preroll), None
+        await self._send_samples(samples, frame.context_id)
+
+    @property
+    def _preroll_s(self) -> float:
+        return sum(len(part) for part in self._preroll or ()) / self._input_rate
+
+    @property
+    def _position_s(self) -> float:
+        """Seconds of the TTS audio taken in since the last clear (sent, or waiting as pre-roll)."""
+        return self._sent_s + self._preroll_s
+
+    async def _send_samples(self, samples: np.ndarray, context_id: str | None) -> None:
         step = max(1, int(SEND_PIECE_S * self._input_rate))
         for start in range(0, len(samples), step):
             piece = samples[start : start + step]
@@ -236,7 +260,7 @@ class AvatalkVideoService(FrameProcessor):
             ws = self._ws
             if ws is None:  # the connection dropped meanwhile: the rest is heard without a face
                 await self.push_frame(
-                    TTSAudioRawFrame(float_to_pcm16(samples[start:]), self._input_rate, 1, context_id=frame.context_id)
+                    TTSAudioRawFrame(float_to_pcm16(samples[start:]), self._input_rate, 1, context_id=context_id)
                 )
                 return
             try:
@@ -255,16 +279,21 @@ class AvatalkVideoService(FrameProcessor):
         utterance, self._open = self._open, None
         if utterance is None:
             return
+        if self._preroll:  # a reply shorter than the pre-roll goes out whole now
+            samples, self._preroll = np.concatenate(self._preroll), None
+            await self._send_samples(samples, utterance.context_id)
+        self._preroll = None
         utterance.end_s = self._sent_s
         self._resampler = None
         await self._send_event({"type": "output_audio_buffer.commit"})
 
     async def _hold_or_push(self, frame: Frame) -> None:
         """Push now, unless audio sent before it has not come back yet: then it waits for that audio."""
-        if not self._held and self._played_s + RELEASE_TOLERANCE_S >= self._sent_s:
+        position = self._position_s
+        if not self._held and self._played_s + RELEASE_TOLERANCE_S >= position:
             await self.push_frame(frame)
         else:
-            self._held.append((self._sent_s, frame))
+            self._held.append((position, frame))
 
     async def _release_held(self) -> None:
         while self._held and self._held[0][0] <= self._played_s + RELEASE_TOLERANCE_S:

@@ -43,11 +43,6 @@ class SessionRegistry:
         """Sessions over one transport (a balancer counts WebSocket connections itself, not WebRTC calls)."""
         return sum(1 for used in self._transports.values() if used == transport)
 
-    @property
-    def free(self) -> int:
-        """Sessions this node can still admit (0 while draining)."""
-        return 0 if self.draining else max(self.capacity - len(self._sessions), 0)
-
     def refusal(self, principal: Principal) -> str | None:
         """Why a new session for ``principal`` would be refused for lack of room, or None."""
         if len(self._sessions) >= self.capacity:

@@ -29,7 +29,6 @@ import numpy as np
 import torch
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
-from avatalk.avatars.prepare import avatars_root
 from avatalk.avatars.renderers.musetalk.loader import (
     VAE_DIR,
     load_vae,
@@ -205,6 +204,10 @@ def add_latents(settings: Settings, avatar_ids: Sequence[str], force: bool = Fal
 
     Raises ``MuseTalkWeightsError`` when the VAE cannot be loaded, since then no avatar can gain latents.
     """
+    # Imported here: preparation pulls in the video decoder and the face models, which the renderer
+    # itself never needs (a GPU machine serving MuseTalk need not have them).
+    from avatalk.avatars.prepare import avatars_root
+
     musetalk = settings.musetalk
     device = resolve_device(musetalk.device)
     dtype = resolve_dtype(musetalk.dtype, device)
