@@ -28,9 +28,20 @@ weights' values, so no download is needed.
 
 At the end a results block is printed, ready to paste into docs/performance.md.
 
+``--seams`` (CPU, seconds) instead compares the paste of the generated face
+before and after the v1.5 "jaw" blend: on the default avatar and on a
+prepared photo (``--photo``, default scikit-image's astronaut), a face that
+is the avatar's own crop 30 levels brighter (a uniform colour drift, as the
+VAE gives) is pasted with the stored lower-face mask (before) and with the
+jaw-mode alpha (after). Seam energy is the mean of |gradient|^2 of
+(pasted - original) over the box and a 3 px margin: the sharper the
+transition, the larger; the alpha on the box edges (a hard seam) and at
+the chin line are shown too.
+
 Usage: python bench/musetalk.py [--device cuda|cpu] [--quick] [--compile reduce-overhead]
                                 [--batch-sizes 1,2,4,8,16,24] [--sessions 8,12,16,20,24] [--seconds 10]
                                 [--avatars DIR] [--max-batch 16]
+       python bench/musetalk.py --seams [--photo PATH]
 ``--quick`` is a CPU smoke run with tiny networks (about a minute on 2 cores).
 ``--avatars`` is a prepared avatars root holding "ava" (default: drawn now,
 which needs the face-landmark models installed).
@@ -287,6 +298,67 @@ def load_avatar(folder: Path | None, size: int, quick: bool) -> tuple[LoadedAvat
     return AvatarStore(Path(temporary.name)).load("ava"), temporary
 
 
+def seam_figures(avatar: LoadedAvatar, paste_alpha: Callable[[int], tuple[np.ndarray, np.ndarray]]) -> tuple[float, float, float]:
+    """``(seam energy, largest alpha on the box edges, alpha at the chin)`` averaged over the avatar's distinct frames.
+
+    ``paste_alpha(index)`` gives a frame's box ``(x1, y1, x2, y2)`` and its alpha over the box.
+    """
+    energies, edges, chins = [], [], []
+    for index in sorted({int(i) for i in avatar.cycle}):
+        frame = avatar.frames[index].astype(np.float32)
+        box, alpha = paste_alpha(index)
+        x1, y1, x2, y2 = (int(v) for v in box)
+        face = np.clip(frame[y1:y2, x1:x2] + 30.0, 0, 255)  # the "generated" face: a colour drift of 30 levels
+        pasted = frame.copy()
+        pasted[y1:y2, x1:x2] += (face - frame[y1:y2, x1:x2]) * alpha[..., None]
+        difference = (pasted - frame).mean(axis=2)
+        region = difference[max(0, y1 - 3) : y2 + 3, max(0, x1 - 3) : x2 + 3]
+        gy, gx = np.gradient(region)
+        energies.append(float(np.mean(gx**2 + gy**2)))
+        edges.append(float(max(alpha[:, 0].max(), alpha[:, -1].max(), alpha[-1].max())))
+        cx, cy = np.round(avatar.landmarks[index, 152]).astype(int)
+        chins.append(float(alpha[min(cy - y1, y2 - y1 - 1), cx - x1]))
+    return float(np.mean(energies)), float(np.max(edges)), float(np.mean(chins))
+
+
+def seams(photo: Path | None) -> None:
+    """Before/after figures of the paste seam on the default avatar and a prepared photo."""
+    import cv2
+
+    from avatalk.avatars.default_face import ensure_default_avatar
+    from avatalk.avatars.prepare import prepare_avatar
+    from avatalk.avatars.renderers.musetalk.blending import jaw_paste
+
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        ensure_default_avatar(root, size=512, seconds=0.4)
+        if photo is None:
+            from skimage import data
+
+            photo = root / "astronaut.png"
+            cv2.imwrite(str(photo), cv2.cvtColor(data.astronaut(), cv2.COLOR_RGB2BGR))
+        prepare_avatar(photo, "photo", "Photo", root, still_seconds=0.2)
+        store = AvatarStore(root)
+        print("| avatar | blend | seam energy | alpha on box edges (max) | alpha at chin |\n|---|---|---|---|---|")
+        for avatar_id in ("ava", "photo"):
+            avatar = store.load(avatar_id)
+
+            def before(index: int, avatar: LoadedAvatar = avatar) -> tuple[np.ndarray, np.ndarray]:
+                x1, y1, x2, y2 = (int(v) for v in avatar.boxes[index])
+                mask = cv2.resize(avatar.masks[index], (x2 - x1, y2 - y1), interpolation=cv2.INTER_LINEAR)
+                return avatar.boxes[index], mask.astype(np.float32) / 255.0
+
+            def after(index: int, avatar: LoadedAvatar = avatar) -> tuple[np.ndarray, np.ndarray]:
+                paste = jaw_paste(avatar.landmarks[index], avatar.boxes[index], avatar.frames[index].shape[:2])
+                assert paste is not None
+                return avatar.boxes[index], paste.alpha[..., 0]
+
+            width = int(avatar.boxes[0][2] - avatar.boxes[0][0])
+            for label, alpha in (("before (box mask)", before), ("after (v1.5 jaw)", after)):
+                energy, edge, chin = seam_figures(avatar, alpha)
+                print(f"| {avatar_id} (box {width} px wide) | {label} | {energy:.2f} | {edge:.3f} | {chin:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -300,7 +372,12 @@ def main() -> None:
     parser.add_argument("--avatars", type=Path, help="a prepared avatars root holding 'ava'")
     parser.add_argument("--render-threads", type=int, default=0, help="render pool (default: one per session)")
     parser.add_argument("--encode-threads", type=int, default=4, help="JPEG pool")
+    parser.add_argument("--seams", action="store_true", help="only the before/after figures of the paste seam")
+    parser.add_argument("--photo", type=Path, help="the photo --seams prepares (default: scikit-image's astronaut)")
     args = parser.parse_args()
+    if args.seams:
+        seams(args.photo)
+        return
     if args.quick:
         args.device, args.batch_sizes, args.sessions, args.seconds = "cpu", "1,4", "1,2", 6.0
         args.max_batch, args.output_size = 4, 128

@@ -61,14 +61,21 @@ EVENT_FIELDS = {
     "conversation.item.create": {"text"},
     "response.cancel": set(),
     "input_audio_buffer.commit": set(),
+    "output_audio_buffer.commit": set(),
+    "output_audio_buffer.clear": set(),
 }
-SESSION_FIELDS = ("input_sample_rate", "output_sample_rate", "greeting", "persona", "video", "avatar", "video_size")
+SESSION_FIELDS = (
+    "mode", "input_sample_rate", "output_sample_rate", "greeting", "persona", "video", "avatar", "video_size"
+)
 #: What a well-formed event of each type may still be refused with, depending on the session's state.
 SEMANTIC_CODES = {
     "session.update": {"invalid_session_config", "unknown_avatar", "video_unavailable"},
     "conversation.item.create": {"not_configured", "text_too_long"},
     "response.cancel": {"no_response"},
     "input_audio_buffer.commit": set(),
+    # Render-session events; every session here is a conversation (or not configured yet).
+    "output_audio_buffer.commit": {"wrong_mode"},
+    "output_audio_buffer.clear": {"wrong_mode"},
 }
 
 
@@ -319,11 +326,18 @@ def session_update(draw: st.DrawFn) -> Frame:
 
 @st.composite
 def control_event(draw: st.DrawFn) -> Frame:
-    """``response.cancel`` (nothing to cancel, unless noise started a reply) and ``input_audio_buffer.commit``."""
-    kind = draw(st.sampled_from(["response.cancel", "input_audio_buffer.commit"]))
+    """``response.cancel`` (nothing to cancel, unless noise started a reply), ``input_audio_buffer.commit``,
+    and the render-session events, which a conversation refuses."""
+    kind = draw(
+        st.sampled_from(
+            ["response.cancel", "input_audio_buffer.commit", "output_audio_buffer.commit", "output_audio_buffer.clear"]
+        )
+    )
     frame = dumps({"type": kind}, True)
     if kind == "input_audio_buffer.commit":
         return Frame(frame, kind, always(NO_ERROR))
+    if kind.startswith("output_audio_buffer."):
+        return Frame(frame, kind, always(Expect.error("wrong_mode")))
     return Frame(
         frame, kind, lambda state: Expect.maybe({"no_response"}) if state.rates else Expect.error("no_response")
     )

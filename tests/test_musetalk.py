@@ -3,7 +3,7 @@
 The models are written as a user would have them (``musetalkV15/unet.pth``
 as a plain state dict + ``musetalk.json``, ``sd-vae/`` and ``whisper/`` via
 ``save_pretrained``) and loaded by the real loader; frames go through the
-real scheduler. GPU-only checks are marked ``gpu`` and skipped without CUDA.
+real scheduler. The GPU-only checks are in ``test_musetalk_gpu.py``.
 """
 
 from __future__ import annotations
@@ -491,18 +491,3 @@ def test_a_model_that_failed_to_load_serves_every_session_with_classic(avatar: L
     notice = session.take_fallback()
     assert notice is not None and notice.reason == "model_unavailable" and "musetalkV15" in notice.message
     assert session.render(0, tick_audio(voice(12, ticks=1), 0)).shape == (SIZE, SIZE, 3)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_float16_on_cuda_end_to_end(layout: Path, avatar: LoadedAvatar) -> None:
-    cuda = load_musetalk(layout, device="cuda")
-    assert cuda.dtype == torch.float16
-    gpu = MuseTalkRenderer(MuseTalkSettings(frame_budget_ms=1000), models=cuda)
-    try:
-        gpu.prepare(avatar)
-        session = gpu.open(avatar, SIZE)
-        frames = speak(session, voice(9), look_ahead=True)
-        assert len(frames) == TICKS and session.stats.generated == TICKS and session.stats.late == 0
-    finally:
-        gpu.close()

@@ -57,7 +57,7 @@ def tone(seconds: float, rate: int = RATE, amplitude: float = 0.3) -> np.ndarray
 
 
 class ToneTTSForTest(TTSService):
-    """A Pipecat TTS service whose voice is a tone: 0.2 s per word, in 20 ms chunks, as fast as it can."""
+    """A Pipecat TTS service whose voice is a tone: 0.2 s per word ("blip": 0.08 s), in 20 ms chunks, as fast as it can."""
 
     def __init__(self, **kwargs: object) -> None:
         super().__init__(
@@ -73,7 +73,8 @@ class ToneTTSForTest(TTSService):
 
     async def run_tts(self, text: str, context_id: str) -> AsyncGenerator[Frame | None, None]:
         self.spoken.append(text)
-        pcm = (tone(len(text.split()) * SECONDS_PER_WORD) * 32767).astype(np.int16).tobytes()
+        seconds = sum(0.08 if word == "blip" else SECONDS_PER_WORD for word in text.split())
+        pcm = (tone(seconds) * 32767).astype(np.int16).tobytes()
 
         async def chunks() -> AsyncIterator[bytes]:
             step = RATE // 50 * 2
@@ -230,6 +231,16 @@ async def test_an_interruption_mid_utterance_silences_the_avatar_within_a_tick(s
         await asyncio.sleep(0.3)
     assert len(ticks(bot.sink.frames)) == first_reply + 10
     assert not [frame for frame in bot.recorder.upstream if isinstance(frame, ErrorFrame)]
+
+
+async def test_a_reply_shorter_than_the_pre_roll_plays_whole(server) -> None:
+    avatar = AvatalkVideoService(url=server.ws_url, video_size=64)
+    async with PipelineForTest(avatar) as bot:
+        await bot.worker.queue_frame(TTSSpeakFrame("blip"))  # 80 ms: sent at once when the TTS stops
+        await bot.until(lambda: bool(bot.sink.of(TTSStoppedFrame)))
+    audio = ticks(bot.sink.frames)
+    assert len(audio) == 2
+    assert bot.sink.index(lambda f: isinstance(f, TTSStoppedFrame)) > bot.sink.frames.index(audio[-1])
 
 
 async def test_tts_faster_than_real_time_is_paced_under_the_servers_buffer(server) -> None:

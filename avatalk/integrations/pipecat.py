@@ -43,7 +43,7 @@ from websockets.asyncio.client import ClientConnection
 
 from avatalk.media.audio import StreamResampler, float_to_pcm16, pcm16_to_float
 from avatalk.media.images import decode_jpeg
-from avatalk.media.timebase import SUPPORTED_SAMPLE_RATES, TICK_S
+from avatalk.media.timebase import SUPPORTED_SAMPLE_RATES
 from avatalk.streaming.protocol import BinaryKind, decode_binary
 
 try:
@@ -72,7 +72,9 @@ SEND_PIECE_S = 0.1  # TTS audio goes out in pieces of at most this much (well un
 # plays what it has at each tick, so a first frame shorter than a tick would leave the rest of
 # that tick silent when the next frame comes a moment too late.
 PREROLL_S = 0.12
-RELEASE_TOLERANCE_S = TICK_S  # a held frame may come out up to one tick before its audio has all played
+# A held frame comes out when the audio before it has come back, give or take rounding: every audio
+# tick counts 40 ms, padding included, so the count never falls short of what was played.
+RELEASE_TOLERANCE_S = 0.005
 RECONNECT_DELAYS_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 
 

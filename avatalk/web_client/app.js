@@ -8,8 +8,9 @@
 // Page options (query string) and the window.avatalk test API: docs/web-client.md.
 //
 // Viewer mode (?view=SESSION&token=VIEWER_TOKEN): watch a render session (docs/protocol.md,
-// "Render-only sessions") whose agent sends its audio over a WebSocket: no microphone, no
-// data channel, receive-only audio and video, POSTed to v1/webrtc/SESSION/viewers.
+// "Render-only sessions") whose agent sends its audio over a WebSocket: no microphone,
+// receive-only audio and video, POSTed to v1/webrtc/SESSION/viewers; the data channel only
+// tells the page, by closing, that the session ended.
 
 const params = new URLSearchParams(location.search);
 const flag = (name, fallback = false) => {
@@ -444,6 +445,13 @@ async function watch(generation) {
   call.pc = pc;
   pc.addTransceiver("audio", { direction: "recvonly" });
   pc.addTransceiver("video", { direction: "recvonly" });
+  // Nothing is sent on it: its closing is how the page learns that the render session ended
+  // (the server hangs its viewers up), where the media transport would only say "disconnected".
+  const dc = pc.createDataChannel("events");
+  call.dc = dc;
+  dc.onclose = () => {
+    if (!stale() && call.phase === "connected") endedByServer();
+  };
   const remote = new MediaStream();
   el.video.srcObject = remote;
   pc.ontrack = (event) => {
