@@ -8,6 +8,13 @@ of that audio with the frame drawn from it, exactly as in a conversation.
 ``output_audio_buffer.clear`` drops everything queued at once (the agent's own
 barge-in).
 
+An utterance starts playing once one tick of it has arrived (or it is
+committed): a client that sends at real-time pace in frames shorter than a
+tick would otherwise leave the first tick half empty, and every later frame
+that arrives a little late would open a gap. That one tick of head start is
+the jitter the stream can absorb; the first paired frame still leaves within
+about a tick of the audio it shows.
+
 The queue is bounded in time: audio sent faster than real time is buffered
 up to ``max_buffer_s``; a warning says when half of it is used, and a frame
 that would overfill it is refused with an error (never silently dropped), so
@@ -39,6 +46,8 @@ class _Utterance:
     utterance_id: int
     segments: list[QueuedAudio] = field(default_factory=list)
     committed: bool = False
+    held: list[tuple[np.ndarray, np.ndarray | None]] = field(default_factory=list)  # before its first tick is full
+    held_samples: int = 0
     start_tick: int | None = None
     last_tick: int | None = None
 
@@ -117,6 +126,8 @@ class RenderFeed:
         await self._queue(utterance, np.zeros(0, np.float32), last=True)
         utterance.committed = True
         self._resamplers = self._new_resamplers()
+        if not utterance.segments:  # nothing audible came of it: nothing to announce
+            self._playing.remove(utterance)
 
     async def clear(self) -> None:
         """Drop every queued utterance now: silence (and idle frames) from the next tick on."""
@@ -137,6 +148,15 @@ class RenderFeed:
             return out, render
 
         out, render = await run_in(self._executor, resample)
+        if not utterance.segments and utterance.held_samples + len(out) < self._clock.samples_per_tick and not last:
+            utterance.held.append((out, render))  # wait for a whole first tick
+            utterance.held_samples += len(out)
+            return
+        if utterance.held:
+            out = np.concatenate([piece for piece, _ in utterance.held] + [out])
+            if render is not None:
+                render = np.concatenate([piece for _, piece in utterance.held if piece is not None] + [render])
+            utterance.held.clear()
         if len(out):
             utterance.segments.append(await self._clock.enqueue(utterance.utterance_id, out, render))
 
