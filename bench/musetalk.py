@@ -124,7 +124,8 @@ def throughput(generator: FrameGenerator, sizes: list[int], iterations: int) -> 
     rows = []
     for size in sizes:
         latents = torch.randn(size, 8, 32, 32, device=models.device, dtype=models.dtype)
-        features = torch.randn(size, models.audio.tokens, models.audio.d_model, device=models.device, dtype=models.dtype)
+        shape = (size, models.audio.tokens, models.audio.d_model)
+        features = torch.randn(shape, device=models.device, dtype=models.dtype)
         for _ in range(2):  # the first calls pick kernels and allocate memory
             generator.generate(latents, features)
         if cuda:
@@ -288,17 +289,23 @@ def instrument(renderer: MuseTalkRenderer) -> dict[str, Timings]:
     return timings
 
 
-def load_avatar(folder: Path | None, size: int, quick: bool) -> tuple[LoadedAvatar, tempfile.TemporaryDirectory[str] | None]:
+def load_avatar(
+    folder: Path | None, size: int, quick: bool
+) -> tuple[LoadedAvatar, tempfile.TemporaryDirectory[str] | None]:
+    """The avatar "ava" of a prepared root, or the default one drawn into a temporary folder (returned to clean)."""
     if folder is not None:
         return AvatarStore(folder).load("ava"), None
-    from avatalk.avatars.default_face import ensure_default_avatar  # needs the face-landmark models
+    # Imported here: drawing the default avatar needs the face-landmark models, a prepared root does not.
+    from avatalk.avatars.default_face import ensure_default_avatar
 
     temporary = tempfile.TemporaryDirectory()
     ensure_default_avatar(Path(temporary.name), size=size, seconds=0.4 if quick else 2.0)
     return AvatarStore(Path(temporary.name)).load("ava"), temporary
 
 
-def seam_figures(avatar: LoadedAvatar, paste_alpha: Callable[[int], tuple[np.ndarray, np.ndarray]]) -> tuple[float, float, float]:
+def seam_figures(
+    avatar: LoadedAvatar, paste_alpha: Callable[[int], tuple[np.ndarray, np.ndarray]]
+) -> tuple[float, float, float]:
     """``(seam energy, largest alpha on the box edges, alpha at the chin)`` averaged over the avatar's distinct frames.
 
     ``paste_alpha(index)`` gives a frame's box ``(x1, y1, x2, y2)`` and its alpha over the box.
@@ -411,7 +418,8 @@ def main() -> None:
     for count in counts:
         run = asyncio.run(run_sessions(renderer, avatar, count, args, timings))
         runs.append(run)
-        print(f"  {count} sessions: {100 * run.late_share:.2f} % late, {run.late_first}/{run.replies} late first frames", flush=True)
+        late_first = f"{run.late_first}/{run.replies} late first frames"
+        print(f"  {count} sessions: {100 * run.late_share:.2f} % late, {late_first}", flush=True)
         if run.late_share > 0.10 and not args.quick:
             break  # far past capacity
     renderer.close()

@@ -33,6 +33,7 @@ from avatalk.avatars.renderers import (  # noqa: E402
     SpeechSegment,
     create_renderer,
 )
+from avatalk.avatars.renderers.classic import ClassicRenderer  # noqa: E402
 from avatalk.avatars.renderers.musetalk import (  # noqa: E402
     MuseTalkModels,
     MuseTalkRenderer,
@@ -44,10 +45,17 @@ from avatalk.avatars.renderers.musetalk import (  # noqa: E402
     load_latents,
     load_musetalk,
 )
-from avatalk.avatars.renderers.classic import ClassicRenderer  # noqa: E402
-from avatalk.avatars.renderers.musetalk.blending import blur_kernel, crop_square, jaw_paste  # noqa: E402
+from avatalk.avatars.renderers.musetalk.blending import (  # noqa: E402
+    blur_kernel,
+    crop_square,
+    jaw_paste,
+)
 from avatalk.avatars.renderers.musetalk.latents import LATENTS_FILE, RENDERER_KEY  # noqa: E402
-from avatalk.avatars.renderers.musetalk.loader import UNET_CONFIG, UNET_DIR, UNET_WEIGHTS  # noqa: E402
+from avatalk.avatars.renderers.musetalk.loader import (  # noqa: E402
+    UNET_CONFIG,
+    UNET_DIR,
+    UNET_WEIGHTS,
+)
 from avatalk.avatars.renderers.musetalk.random_models import write_layout  # noqa: E402
 from avatalk.avatars.store import AvatarStore, LoadedAvatar  # noqa: E402
 
@@ -254,7 +262,7 @@ def test_the_face_is_pasted_only_where_the_jaw_mask_lets_it(renderer: MuseTalkRe
     covered[paste.rows, paste.cols] = paste.alpha[..., 0] > 0
     changed = np.any(frame != idle, axis=2)
     assert changed.any() and not changed[~covered].any()
-    x1, y1, x2, y2 = avatar.boxes[index]
+    _, y1, _, y2 = avatar.boxes[index]
     radius = blur_kernel(crop_square(avatar.boxes[index])[2]) // 2
     assert not changed[: (y1 + y2) // 2 - radius].any()  # the official upper boundary, feathered
 
@@ -293,7 +301,9 @@ def test_concurrent_sessions_get_their_own_frames_in_order(models: MuseTalkModel
             assert np.abs(frame.astype(int) - want.astype(int)).max() <= 2  # batched == unbatched
 
 
-def test_without_look_ahead_a_frame_is_made_from_the_clip_so_far(renderer: MuseTalkRenderer, avatar: LoadedAvatar) -> None:
+def test_without_look_ahead_a_frame_is_made_from_the_clip_so_far(
+    renderer: MuseTalkRenderer, avatar: LoadedAvatar
+) -> None:
     """Offline renders give one tick at a time: the last frame, with no audio after it either way, is the same."""
     audio = voice(5, ticks=6)
     ahead = speak(renderer.open(avatar, SIZE), audio, look_ahead=True)
@@ -390,7 +400,7 @@ def test_the_jaw_mask_follows_the_official_geometry(tmp_path: Path) -> None:
     # Seamless: zero on the box's left, right and bottom edges.
     assert alpha[:, 0].max() == alpha[:, -1].max() == alpha[-1].max() == 0.0
     # The official upper boundary: nothing above half of the 1.5x square (its centre is the box's), feathered.
-    left, top, side = crop_square(box)
+    _, top, side = crop_square(box)
     assert top + side // 2 == (y1 + y2) // 2
     assert alpha[: (y1 + y2) // 2 - y1 - blur_kernel(side) // 2].max() == 0.0
     assert alpha[(y1 + y2) // 2 - y1 - 2].max() > 0.0  # and the feather reaches above it

@@ -47,7 +47,13 @@ from avatalk.avatars.renderers.musetalk import (  # noqa: E402
     load_musetalk,
 )
 from avatalk.avatars.renderers.musetalk.blending import jaw_paste  # noqa: E402
-from avatalk.avatars.renderers.musetalk.loader import UNET_CONFIG, UNET_DIR, UNET_WEIGHTS, VAE_DIR, WHISPER_DIR  # noqa: E402
+from avatalk.avatars.renderers.musetalk.loader import (  # noqa: E402
+    UNET_CONFIG,
+    UNET_DIR,
+    UNET_WEIGHTS,
+    VAE_DIR,
+    WHISPER_DIR,
+)
 from avatalk.avatars.renderers.musetalk.random_models import write_layout  # noqa: E402
 from avatalk.avatars.store import AvatarStore, LoadedAvatar  # noqa: E402
 from avatalk.streaming.clock import MediaClock  # noqa: E402
@@ -103,7 +109,7 @@ class OfficialReference:
 
     @torch.no_grad()
     def latents(self, frame_rgb: np.ndarray, box: np.ndarray) -> torch.Tensor:
-        """``vae.get_latents_for_unet`` of the official code, with the posterior mean (avatalk's reproducible choice)."""
+        """``vae.get_latents_for_unet`` of the official code, with the posterior mean (avatalk's choice)."""
         x1, y1, x2, y2 = (int(v) for v in box)
         crop = cv2.resize(frame_rgb[y1:y2, x1:x2], (256, 256), interpolation=cv2.INTER_LANCZOS4)
         image = torch.FloatTensor(np.transpose(crop / 255.0, (2, 0, 1)))

@@ -134,7 +134,8 @@ async def test_readyz_says_which_renderers_are_live(tmp_path: Path) -> None:
     app = create_app(Settings(data_dir=tmp_path / "data"))
     renderer = FallbackRenderer("musetalk", None, ClassicRenderer(), unavailable="its weights are incomplete")
     # Only the renderer is read by /readyz; the other models are never touched.
-    app.state.services.models = EngineModels(vad=None, asr=None, llm=None, tts=None, renderer=renderer)  # type: ignore[arg-type]
+    models = EngineModels(vad=None, asr=None, llm=None, tts=None, renderer=renderer)  # type: ignore[arg-type]
+    app.state.services.models = models
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
         ready = await http.get("/readyz")

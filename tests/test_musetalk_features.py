@@ -17,6 +17,7 @@ receives are compared frame by frame.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,7 @@ def avatar(tmp_path_factory: pytest.TempPathFactory) -> LoadedAvatar:
 
 
 @pytest.fixture(scope="module")
-def renderer(models: MuseTalkModels, avatar: LoadedAvatar) -> MuseTalkRenderer:
+def renderer(models: MuseTalkModels, avatar: LoadedAvatar) -> Iterator[MuseTalkRenderer]:
     settings = MuseTalkSettings(frame_budget_ms=60000, look_ahead_ms=0, max_batch=1, silence_db=-90)
     renderer = MuseTalkRenderer(settings, models=models)
     renderer.prepare(avatar)
@@ -118,7 +119,9 @@ def official_prompts(padded: torch.Tensor, starts: list[int]) -> np.ndarray:
     return result
 
 
-def fed_to_unet(renderer: MuseTalkRenderer, avatar: LoadedAvatar, segment: SpeechSegment, ticks: list[int]) -> np.ndarray:
+def fed_to_unet(
+    renderer: MuseTalkRenderer, avatar: LoadedAvatar, segment: SpeechSegment, ticks: list[int]
+) -> np.ndarray:
     """Drive a session through ``ticks`` as the video stage does; the UNet's ``encoder_hidden_states``, in order."""
     seen: list[np.ndarray] = []
 

@@ -95,7 +95,9 @@ class Frame:
     future: Future[np.ndarray | None] | None = None
 
 
-def simulate(scheduler: RenderScheduler, generator: SteppedGeneratorFake, arrivals: list[tuple[float, Frame]]) -> list[Frame]:
+def simulate(
+    scheduler: RenderScheduler, generator: SteppedGeneratorFake, arrivals: list[tuple[float, Frame]]
+) -> list[Frame]:
     """Submit each frame at its arrival time, between batches; run until every frame is resolved."""
     clock = generator.clock
     pending = sorted(arrivals, key=lambda item: item[0])

@@ -156,6 +156,9 @@ async def test_typed_message_over_the_data_channel(server):
         caller.channel.send("not json at all")
         error = await caller.wait_for(lambda e: e["type"] == "error")
         assert error["code"] == "invalid_json"
+        caller.channel.send(b'{"type": "response.cancel"}')  # binary: not JSON text either
+        second = await caller.wait_for(lambda e: e["type"] == "error" and e is not error)
+        assert second["code"] == "invalid_json" and "binary" in second["message"]
         done = await caller.wait_for(lambda e: e["type"] == "response.done", timeout=60)
         assert done["status"] == "completed"
     finally:

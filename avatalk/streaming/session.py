@@ -326,15 +326,16 @@ class ConversationSession:
             )
             self._tasks.spawn(clock.run(self._on_tick, prepare), "clock")
             return
+        end_of_turn = models.turn if settings.turns.semantic else None  # this session's settings may turn it off
         self.listener = Listener(
             input_sample_rate=input_rate,
             vad=models.vad.stream(),
             vad_executor=executors.vad,
             transcriber=TurnTranscriber(models.asr, executors.asr),
             turns=settings.turns,
-            detector=TurnDetector(settings.turns, settings.vad, semantic=models.turn is not None),
+            detector=TurnDetector(settings.turns, settings.vad, semantic=end_of_turn is not None),
             queue_size=queue_size,
-            end_of_turn=models.turn,
+            end_of_turn=end_of_turn,
             turn_executor=executors.turn,
             name=f"{self.id}:listener",
         )

@@ -47,15 +47,14 @@ Size = Literal["full", "reduced", "tiny"]
 _TINY_TOKENS = {"vocab_size": 64, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "decoder_start_token_id": 3}
 
 
-def model_configs(size: Size, *, piece_s: int = 30) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+def model_configs(size: Size) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """UNet, VAE and Whisper configs: the real ones (``full``) or the same structure with smaller widths.
 
-    ``piece_s`` is the Whisper window in seconds (30 for real Whisper); a
-    tiny model may use a shorter one so a test clip can fill whole windows.
+    Every size keeps Whisper's 30 s window (1500 positions): the features
+    depend on it, and the official recipe pads every clip to it.
     """
     if size == "full":
-        whisper = dict(WHISPER_TINY_CONFIG, max_source_positions=piece_s * 50)
-        return dict(UNET_V15_CONFIG), dict(SD_VAE_CONFIG), whisper
+        return dict(UNET_V15_CONFIG), dict(SD_VAE_CONFIG), dict(WHISPER_TINY_CONFIG)
     width = 32 if size == "tiny" else int(WHISPER_TINY_CONFIG["d_model"])
     unet = dict(
         UNET_V15_CONFIG,
@@ -67,7 +66,7 @@ def model_configs(size: Size, *, piece_s: int = 30) -> tuple[dict[str, Any], dic
     )
     vae = dict(SD_VAE_CONFIG, block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=4)
     if size == "reduced":
-        return unet, vae, dict(WHISPER_TINY_CONFIG, max_source_positions=piece_s * 50)
+        return unet, vae, dict(WHISPER_TINY_CONFIG)
     whisper = dict(
         WHISPER_TINY_CONFIG,
         d_model=width,
@@ -76,7 +75,6 @@ def model_configs(size: Size, *, piece_s: int = 30) -> tuple[dict[str, Any], dic
         encoder_ffn_dim=2 * width,
         decoder_ffn_dim=2 * width,
         decoder_layers=1,
-        max_source_positions=piece_s * 50,
         max_target_positions=16,
         **_TINY_TOKENS,
     )
@@ -91,16 +89,16 @@ def _unet(config: dict[str, Any]) -> UNet2DConditionModel:
 
 
 def build_models(
-    size: Size, *, device: torch.device, dtype: torch.dtype, seed: int = 0, piece_s: int = 30
+    size: Size, *, device: torch.device, dtype: torch.dtype, seed: int = 0
 ) -> MuseTalkModels:
     """Random-weight models built directly on ``device`` (no files), as the loader would return them."""
-    unet_config, vae_config, whisper_config = model_configs(size, piece_s=piece_s)
+    unet_config, vae_config, whisper_config = model_configs(size)
     torch.manual_seed(seed)
     with torch.device(device):
         unet = _unet(unet_config)
         vae = AutoencoderKL.from_config(vae_config)
         encoder = WhisperEncoder(WhisperConfig(**whisper_config))
-    extractor = WhisperFeatureExtractor(feature_size=whisper_config["num_mel_bins"], chunk_length=piece_s)
+    extractor = WhisperFeatureExtractor(feature_size=whisper_config["num_mel_bins"])
     audio = WhisperFeatureEncoder(
         for_inference(encoder, device, dtype), extractor.mel_filters, device=device, dtype=dtype
     )
@@ -114,9 +112,9 @@ def build_models(
     )
 
 
-def write_layout(models_dir: Path, size: Size = "tiny", *, seed: int = 0, piece_s: int = 30) -> Path:
+def write_layout(models_dir: Path, size: Size = "tiny", *, seed: int = 0) -> Path:
     """Random-weight models saved in the official layout under ``models_dir`` (which is returned)."""
-    unet_config, vae_config, whisper_config = model_configs(size, piece_s=piece_s)
+    unet_config, vae_config, whisper_config = model_configs(size)
     torch.manual_seed(seed)
     models_dir = Path(models_dir)
     (models_dir / UNET_DIR).mkdir(parents=True, exist_ok=True)
@@ -125,6 +123,6 @@ def write_layout(models_dir: Path, size: Size = "tiny", *, seed: int = 0, piece_
     (models_dir / UNET_DIR / UNET_CONFIG).write_text(json.dumps(config, indent=2))
     AutoencoderKL.from_config(vae_config).save_pretrained(models_dir / VAE_DIR)
     WhisperModel(WhisperConfig(**whisper_config)).save_pretrained(models_dir / WHISPER_DIR)
-    extractor = WhisperFeatureExtractor(feature_size=whisper_config["num_mel_bins"], chunk_length=piece_s)
+    extractor = WhisperFeatureExtractor(feature_size=whisper_config["num_mel_bins"])
     extractor.save_pretrained(models_dir / WHISPER_DIR)
     return models_dir

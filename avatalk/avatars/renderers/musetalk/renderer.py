@@ -115,7 +115,9 @@ def _prepare_avatar(avatar: LoadedAvatar, output_size: int, latents: torch.Tenso
     for index, frame in enumerate(avatar.frames):
         image = scaled.get(id(frame))
         if image is None:
-            image = frame if frame.shape[:2] == (out_h, out_w) else cv2.resize(frame, (out_w, out_h), interpolation=interpolation)
+            image = frame
+            if frame.shape[:2] != (out_h, out_w):
+                image = cv2.resize(frame, (out_w, out_h), interpolation=interpolation)
             image.setflags(write=False)
             scaled[id(frame)] = image
         frames_out.append(image)
