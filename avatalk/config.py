@@ -254,11 +254,41 @@ class TTSSettings(BaseModel):
         return data
 
 
+class ExampleExchange(BaseModel):
+    """A question and the answer the persona would give: shown to the model before the conversation."""
+
+    user: str = Field(min_length=1)
+    assistant: str = Field(min_length=1)
+
+
+#: Shown to the model as earlier turns. A small model copies the form of what it has just
+#: seen far better than it follows instructions: short, direct, correct answers in the
+#: question's language, a follow-up that refers back, and no answer repeated. bench/quality.py
+#: asks other questions, so its score is not learnt from these.
+DEFAULT_EXAMPLES: tuple[tuple[str, str], ...] = (
+    ("What is your name?", "My name is Ava."),
+    ("How many wheels does a bicycle have?", "A bicycle has two wheels."),
+    ("What is seven plus eight?", "Seven plus eight is fifteen."),
+    ("What is six times seven?", "Six times seven is forty-two."),
+    ("Who painted the Mona Lisa?", "Leonardo da Vinci painted the Mona Lisa."),
+    ("How do you say good morning in Italian?", "Good morning in Italian is buongiorno."),
+    ("What is the biggest animal on Earth?", "The blue whale is the biggest animal on Earth."),
+    ("How long can it grow?", "A blue whale can grow to about thirty metres long."),
+    ("What letter comes after B?", "The letter after B is C."),
+    ("Wie viele Beine hat eine Katze?", "Eine Katze hat vier Beine."),
+)
+
+
 class PersonaSettings(BaseModel):
     name: str = "Ava"
-    system_prompt: str = (
-        "You are Ava, a friendly and helpful voice assistant. "
-        "Answer in one or two short, plain sentences. Do not use lists, markdown or emojis."
+    # Short and plain on purpose: the embedded 135M model follows one clear instruction and the
+    # examples below; a longer persona text made it talk about itself instead of answering.
+    system_prompt: str = "Answer the question correctly in one short sentence, in the language of the question."
+    examples: list[ExampleExchange] = Field(
+        default_factory=lambda: [ExampleExchange(user=u, assistant=a) for u, a in DEFAULT_EXAMPLES],
+        description="example exchanges shown to the model before the conversation (never counted as history); "
+        "not part of the session's persona in events",
+        exclude=True,
     )
     greeting: str = "Hello! I'm Ava. How can I help you today?"
     fallback: str = Field(

@@ -23,7 +23,7 @@ weights' values, so no download is needed.
    when it is sent more than one tick after its due time (JPEG included).
    Reported per N: speaking frames, late %, late first frames of replies,
    mean batch, share of time the GPU worker ran batches, features ms p50/p95
-   per segment, render call (look-ahead + render + paste) ms p95, JPEG ms p95
+   per segment, render call (the wait for the GPU frame and the paste) ms p95, JPEG ms p95
    and peak GPU memory. The capacity is the largest N with under 1 % late.
 
 At the end a results block is printed, ready to paste into docs/performance.md.
@@ -277,7 +277,7 @@ def instrument(renderer: MuseTalkRenderer) -> dict[str, Timings]:
     """Time every segment's features and every render call of every session (wrapping the shared objects)."""
     timings = {name: Timings() for name in ("features", "render", "jpeg")}
     audio = renderer.models.audio
-    audio.encode = timings["features"].wrap(audio.encode)  # type: ignore[method-assign, assignment]
+    audio.encode_pieces = timings["features"].wrap(audio.encode_pieces)  # type: ignore[method-assign, assignment]
     opened = renderer.open
 
     def open_timed(avatar: LoadedAvatar, output_size: int) -> object:

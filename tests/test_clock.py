@@ -119,12 +119,16 @@ async def test_queued_render_audio_places_each_segment_where_next_tick_plays_it(
     await clock.enqueue(1, second, (np.arange(1, 801) / 16000.0 + 1).astype(np.float32))  # starts inside tick 2
     await clock.enqueue(2, np.ones(960), np.ones(640))  # another turn: never listed with this one
     queued = clock.queued_render_audio()
-    assert [start for start, _ in queued] == [0, 1600] and len(queued[1][1]) == 800
+    assert [(start, continues) for start, _, continues in queued] == [(0, False), (1600, False)]
+    assert len(queued[1][1]) == 800
     ticks = [clock.next_tick() for _ in range(4)]
     played = np.concatenate([tick.render_audio for tick in ticks])
-    for start, audio in queued:  # each segment's audio is exactly where the ticks carry it
+    for start, audio, _ in queued:  # each segment's audio is exactly where the ticks carry it
         np.testing.assert_array_equal(played[start : start + len(audio)], audio)
     # All of turn 1 was taken (its last tick ends early); turn 2 starts on the next tick.
-    assert [start for start, _ in clock.queued_render_audio()] == [4 * 640]
+    assert [start for start, _, _ in clock.queued_render_audio()] == [4 * 640]
     clock.next_tick()
     assert clock.queued_render_audio() == []
+    await clock.enqueue(3, np.ones(960), np.ones(640))
+    await clock.enqueue(3, np.ones(480), np.ones(320), continues=True)  # streamed: more of the same utterance
+    assert [(start, continues) for start, _, continues in clock.queued_render_audio()] == [(3200, False), (3840, True)]

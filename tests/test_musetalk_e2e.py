@@ -14,8 +14,8 @@ of TMElyralab/MuseTalk: the UNet built from ``musetalk.json`` with the
 
 In CI the UNet and VAE have the v1.5 block structure at reduced widths
 (Whisper-tiny is full size), which takes seconds on 2 cores. The full-size
-run (UNet 850 M parameters, the real SD VAE, about 4 minutes on 2 cores,
-3.4 GB of weights written to a temporary folder) is::
+run (UNet 850 M parameters, the real SD VAE: about 2 minutes on 2 cores and
+11 GB of memory, 3.4 GB of weights written to a temporary folder) is::
 
     MUSETALK_E2E_SIZE=full .venv/bin/python -m pytest -q tests/test_musetalk_e2e.py
 """
@@ -152,7 +152,7 @@ async def test_speaking_frames_equal_the_official_forward(
     frames, ticks = [], []
     for _ in range(TICKS):  # what the video stage does for each speaking tick, without its 60 ms limit
         tick = clock.next_tick()
-        segments = [SpeechSegment(start, samples) for start, samples in clock.queued_render_audio()]
+        segments = [SpeechSegment(*queued) for queued in clock.queued_render_audio()]
         session.look_ahead(tick.index, segments)
         assert tick.render_audio is not None
         frames.append(session.render(tick.index, tick.render_audio))

@@ -36,7 +36,7 @@ from avatalk.avatars.renderers.musetalk import (  # noqa: E402
     WhisperFeatureEncoder,
     load_musetalk,
 )
-from avatalk.avatars.renderers.musetalk.features import clip_whisper_frames  # noqa: E402
+from avatalk.avatars.renderers.musetalk.features import ClipFeatures, clip_whisper_frames  # noqa: E402
 from avatalk.avatars.renderers.musetalk.loader import WHISPER_DIR  # noqa: E402
 from avatalk.avatars.renderers.musetalk.random_models import write_layout  # noqa: E402
 from avatalk.avatars.store import AvatarStore, LoadedAvatar  # noqa: E402
@@ -210,3 +210,50 @@ def test_frames_outside_the_clip_are_zeros_plus_the_encoding(encoder: WhisperFea
     np.testing.assert_array_equal(features[0, :20], encoder.positional[:20])
     assert not np.allclose(features[0, 20:], encoder.positional[20:])
     np.testing.assert_array_equal(features[1], encoder.positional)
+
+
+def test_an_utterance_streamed_in_pieces_is_one_clip_known_so_far(
+    renderer: MuseTalkRenderer, avatar: LoadedAvatar, encoder: WhisperFeatureEncoder
+) -> None:
+    """A render session's audio arrives in pieces that continue one utterance: each frame is made from the
+    utterance as known when it is drawn (the official recipe on the audio so far), never from one piece alone."""
+    audio = speechlike(0.8, seed=9)
+    pieces = [(start, audio[start : start + 1000]) for start in range(0, len(audio), 1000)]
+    seen: list[np.ndarray] = []
+    handle = renderer.models.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.extend(kwargs["encoder_hidden_states"].numpy()), with_kwargs=True
+    )
+    session = renderer.open(avatar, 96)
+    known_at: list[int] = []
+    try:
+        for tick in range(len(audio) // SAMPLES_PER_TICK):
+            known = min(len(audio), (tick + 2) * SAMPLES_PER_TICK)  # about a tick of audio ahead, as streamed
+            arrived = [(start, piece) for start, piece in pieces if start < known]
+            segments = [SpeechSegment(start, piece, continues=start > 0) for start, piece in arrived]
+            known_at.append(arrived[-1][0] + len(arrived[-1][1]))
+            session.look_ahead(tick, segments)
+            session.render(tick, audio[tick * SAMPLES_PER_TICK : (tick + 1) * SAMPLES_PER_TICK])
+    finally:
+        handle.remove()
+        session.close()
+    expected = [encoder.windows(encoder.encode(audio[:known]), [2 * tick])[0] for tick, known in enumerate(known_at)]
+    np.testing.assert_allclose(np.stack(seen), np.stack(expected), rtol=0, atol=TOLERANCE)
+
+
+def test_a_growing_clip_encodes_again_only_its_last_30s_piece(
+    encoder: WhisperFeatureEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    encode_pieces = encoder.encode_pieces
+
+    def counted(pieces: np.ndarray) -> np.ndarray:
+        calls.append(len(pieces))
+        return encode_pieces(pieces)
+
+    monkeypatch.setattr(encoder, "encode_pieces", counted)
+    audio = speechlike(31.0, seed=11)
+    clip = ClipFeatures(encoder)
+    clip.update(audio[: 30 * RATE + 8000])
+    clip.update(audio)
+    assert calls == [2, 1]  # the first 30 s piece was complete: its states are kept
+    np.testing.assert_allclose(clip.states, encoder.encode(audio), rtol=0, atol=1e-6)

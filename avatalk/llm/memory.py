@@ -5,14 +5,22 @@ only the most recent exchanges are sent, within both a turn count and a token
 budget. History is kept as exchanges (a user message and the reply that was
 actually spoken) so trimming drops whole exchanges and the messages always
 alternate user/assistant, which many chat templates require.
+
+The persona's example exchanges go between the system prompt and the history:
+a small model imitates the answers it has just seen far better than it follows
+instructions. An earlier reply the model repeated word for word is left out of
+what it sees: a loop in the history is what makes a small model answer the
+next question with its previous answer again.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
+from avatalk.config import ExampleExchange
 from avatalk.llm.base import ChatMessage
 
 logger = logging.getLogger(__name__)
@@ -71,18 +79,25 @@ class DialogueMemory:
         max_turns: int,
         max_tokens: int,
         count_tokens: Callable[[str], int],
+        examples: Sequence[ExampleExchange | tuple[str, str]] = (),
     ) -> None:
         """``max_turns`` earlier exchanges and ``max_tokens`` of history at most.
 
         ``count_tokens`` is usually ``LLM.count_tokens`` so budgets match the
         model's tokenizer. It can be slow (a tokenizer call), so each message
         is counted once, when it is recorded or grows, never when the history
-        is trimmed.
+        is trimmed. ``examples`` (``persona.examples``) follow the system
+        prompt in every ``messages()``; like it, they are not history and not
+        counted against the budget.
         """
         self.system_prompt = system_prompt
         self.max_turns = max_turns
         self.max_tokens = max_tokens
         self._count_tokens = count_tokens
+        self.examples: list[tuple[str, str]] = [
+            (example.user, example.assistant) if isinstance(example, ExampleExchange) else example
+            for example in examples
+        ]
         self._exchanges: list[_Exchange] = []
 
     def add_user(self, text: str) -> None:
@@ -105,7 +120,9 @@ class DialogueMemory:
         is generated from this; the text enters the history only if the turn
         ends as it was heard.
         """
-        preview = DialogueMemory(self.system_prompt, self.max_turns, self.max_tokens, self._count_tokens)
+        preview = DialogueMemory(
+            self.system_prompt, self.max_turns, self.max_tokens, self._count_tokens, self.examples
+        )
         preview._exchanges = [replace(exchange) for exchange in self._exchanges]
         preview.add_user(text)
         return preview.messages()
@@ -123,12 +140,14 @@ class DialogueMemory:
         last.assistant_tokens = self._count_tokens(last.assistant)
 
     def messages(self) -> list[ChatMessage]:
-        """The system prompt and the newest exchanges within both budgets.
+        """The system prompt, the examples and the newest exchanges within both budgets.
 
         The newest exchange (which holds the latest user message) is always
         kept, even alone over the token budget; ``max_turns`` and
         ``max_tokens`` limit the exchanges before it, oldest dropped first.
-        The system prompt is not counted against the history budget.
+        The system prompt and the examples are not counted against the
+        history budget. An earlier exchange whose reply repeats an example's
+        or an earlier reply (ignoring case and punctuation) is left out.
         """
         kept: list[_Exchange] = []
         tokens = 0
@@ -139,6 +158,32 @@ class DialogueMemory:
             kept.append(exchange)
             tokens += cost
         result = [ChatMessage("system", self.system_prompt)]
+        seen: set[str] = set()
+        for user, assistant in self.examples:
+            result += [ChatMessage("user", user), ChatMessage("assistant", assistant)]
+            seen.add(_normalised(assistant))
+        newest = kept[0] if kept else None
+        carried: str | None = None  # the user's words of a left-out exchange join the next question
         for exchange in reversed(kept):
-            result.extend(exchange.messages())
+            if exchange.assistant is not None and exchange is not newest:
+                reply = _normalised(exchange.assistant)
+                if len(reply.split()) >= _MIN_REPEAT_WORDS and reply in seen:
+                    logger.debug("leaving a repeated reply out of the prompt: %r", exchange.assistant)
+                    carried = " ".join(part for part in (carried, exchange.user) if part) or None
+                    continue
+                seen.add(reply)
+            messages = exchange.messages()
+            if carried is not None and messages and messages[0].role == "user":
+                messages[0] = ChatMessage("user", f"{carried} {messages[0].content}")
+                carried = None
+            result.extend(messages)
         return result
+
+
+#: Shorter replies ("You're welcome.", "Sure.") repeat naturally and are kept.
+_MIN_REPEAT_WORDS = 5
+
+
+def _normalised(text: str) -> str:
+    """``text`` compared as words: lower case, punctuation and spacing ignored."""
+    return " ".join(re.findall(r"\w+", text.lower()))

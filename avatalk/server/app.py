@@ -56,7 +56,7 @@ def create_app(settings: Settings, models: EngineModels | None = None) -> FastAP
             svc.models = models
             if owned:
                 loaded = await asyncio.to_thread(EngineModels.load, settings)
-                await loaded.warm_up(settings.persona.system_prompt)
+                await loaded.warm_up(settings.persona)
                 svc.models = loaded
             logger.info("avatalk %s ready on %s:%d", __version__, settings.host, settings.port)
             yield

@@ -52,6 +52,8 @@ class QueuedAudio:
     samples: np.ndarray
     render_samples: np.ndarray | None = None
     offset: int = 0
+    #: More of the utterance the previous segment began (audio streamed in pieces), not a new sentence.
+    continues: bool = False
 
     @property
     def released(self) -> int:
@@ -90,16 +92,18 @@ class MediaClock:
         await self._idle.wait()
 
     async def enqueue(
-        self, turn_id: int, samples: np.ndarray, render_samples: np.ndarray | None = None
+        self, turn_id: int, samples: np.ndarray, render_samples: np.ndarray | None = None, *, continues: bool = False
     ) -> QueuedAudio:
         """Queue one segment of reply audio, waiting while the queue is full; returns it.
 
         ``render_samples`` is the same audio at 16 kHz, for the renderer.
+        ``continues``: this is the next piece of the utterance the previous
+        segment began (streamed audio), not a new sentence of its own.
         """
         while self._queued_samples and self._queued_samples + len(samples) > self.max_queued_samples:
             self._space_freed.clear()
             await self._space_freed.wait()
-        segment = QueuedAudio(turn_id, samples.astype(np.float32, copy=False), render_samples)
+        segment = QueuedAudio(turn_id, samples.astype(np.float32, copy=False), render_samples, continues=continues)
         self._segments.append(segment)
         self._queued_samples += len(samples)
         self._idle.clear()
@@ -154,17 +158,18 @@ class MediaClock:
             self._idle.set()
         return Tick(index, out, turn_id, render_out)
 
-    def queued_render_audio(self) -> list[tuple[int, np.ndarray]]:
-        """Each queued segment of the current turn that has 16 kHz audio: ``(start, audio)``, not consumed.
+    def queued_render_audio(self) -> list[tuple[int, np.ndarray, bool]]:
+        """Each queued segment of the current turn that has 16 kHz audio: ``(start, audio, continues)``, not consumed.
 
         ``start`` is the 16 kHz sample of the output timeline where the
         segment's first sample plays (tick k starts at ``k * 640``; the
         first segment may have started already), placed exactly as
-        ``next_tick`` will place it; ``audio`` is all of it. Lets a renderer
-        whose frames depend on a whole utterance (MuseTalk's Whisper
-        features of each TTS segment) prepare them before they play.
+        ``next_tick`` will place it; ``audio`` is all of it; ``continues``
+        as enqueued. Lets a renderer whose frames depend on a whole
+        utterance (MuseTalk's Whisper features of each TTS segment) prepare
+        them before they play.
         """
-        out: list[tuple[int, np.ndarray]] = []
+        out: list[tuple[int, np.ndarray, bool]] = []
         if not self._segments:
             return out
         turn_id = self._segments[0].turn_id
@@ -177,7 +182,7 @@ class MediaClock:
             if segment.render_samples is not None:
                 tick, within = divmod(position, self.samples_per_tick)
                 at = round(within * RENDER_SAMPLES_PER_TICK / self.samples_per_tick)
-                out.append((tick * RENDER_SAMPLES_PER_TICK + at, segment.render_samples))
+                out.append((tick * RENDER_SAMPLES_PER_TICK + at, segment.render_samples, segment.continues))
             position += len(segment.samples)
         return out
 

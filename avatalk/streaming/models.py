@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from avatalk.avatars.renderers import Renderer, create_renderer
-from avatalk.config import Settings
+from avatalk.config import PersonaSettings, Settings
 from avatalk.executors import Executors, run_in
-from avatalk.llm import LLM, ChatMessage, LLMError, create_llm
+from avatalk.llm import LLM, DialogueMemory, LLMError, create_llm
 from avatalk.media.timebase import ENGINE_SAMPLE_RATE
 from avatalk.streaming.asr import WhisperASR
 from avatalk.streaming.smart_turn import SmartTurnModel
@@ -52,19 +52,21 @@ class EngineModels:
         logger.info("models loaded in %.1f s", time.perf_counter() - started)
         return models
 
-    async def warm_up(self, system_prompt: str) -> None:
+    async def warm_up(self, persona: PersonaSettings) -> None:
         """Run each model once so the first user does not pay for cold caches.
 
-        The LLM evaluates the persona prompt (llama.cpp keeps it as a reusable
-        prefix), piper and Whisper allocate their buffers. A failing backend
-        (e.g. a remote server that is down) only logs: sessions report it.
+        The LLM evaluates the persona's prompt and examples, the prefix every
+        session's prompt starts with (llama.cpp keeps it as a reusable prefix;
+        llama-server fills each of its slots with it), piper and Whisper
+        allocate their buffers. A failing backend (e.g. a remote server that
+        is down) only logs: sessions report it.
         """
         started = time.perf_counter()
         try:
-            stream = self.llm.stream([ChatMessage("system", system_prompt), ChatMessage("user", "Hello!")])
-            async for _delta in stream:
-                break
-            await stream.aclose()  # type: ignore[attr-defined]
+            prefix = DialogueMemory(
+                persona.system_prompt, 0, 0, self.llm.count_tokens, examples=persona.examples
+            ).preview_user("Hello!")
+            await self.llm.warm_up(prefix)
             async for _audio in self.tts.synthesize("Hello."):
                 pass
             await run_in(self.executors.asr, self.asr.transcribe, np.zeros(ENGINE_SAMPLE_RATE, dtype=np.float32))

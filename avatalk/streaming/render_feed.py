@@ -158,7 +158,9 @@ class RenderFeed:
                 render = np.concatenate([piece for _, piece in utterance.held if piece is not None] + [render])
             utterance.held.clear()
         if len(out):
-            utterance.segments.append(await self._clock.enqueue(utterance.utterance_id, out, render))
+            # Pieces after the first continue the utterance: a renderer takes them as one clip.
+            queued = await self._clock.enqueue(utterance.utterance_id, out, render, continues=bool(utterance.segments))
+            utterance.segments.append(queued)
 
     async def on_tick(self, tick: Tick) -> None:
         """After a tick went out: utterances that started or finished playing are announced."""

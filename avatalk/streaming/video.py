@@ -60,7 +60,7 @@ class VideoStage:
             return
         upcoming = None
         if speaking and self.renderer.uses_look_ahead:
-            upcoming = [SpeechSegment(start, audio) for start, audio in self._clock.queued_render_audio()]
+            upcoming = [SpeechSegment(*queued) for queued in self._clock.queued_render_audio()]
         reset, self._reset_pending = self._reset_pending, False
         self._job = asyncio.ensure_future(run_in(self._executor, self._draw, tick, speaking, reset, upcoming))
         done, _ = await asyncio.wait({self._job}, timeout=RENDER_BUDGET_S)

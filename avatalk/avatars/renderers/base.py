@@ -84,11 +84,14 @@ class SpeechSegment:
     queued right after another may start inside a tick); ``audio`` is all of
     it, 16 kHz float32. Renderers whose frames depend on the whole utterance
     (MuseTalk runs Whisper over each segment as the official pipeline runs
-    it over a clip) need the segment, not tick-sized slices.
+    it over a clip) need the segment, not tick-sized slices. ``continues``
+    marks the next piece of an utterance that arrives in pieces (a render
+    session's streamed audio): it and the segment before it are one clip.
     """
 
     start: int
     audio: np.ndarray
+    continues: bool = False
 
     @property
     def stop(self) -> int:

@@ -23,7 +23,10 @@ first frame of a segment waits for that segment's features only. Whisper's
 features depend on everything in the window (attention spans all of it, and
 the log-mel floor is the window's maximum), so an encoder run on short
 chunks, or a running maximum, gives other numbers than the ones the UNet
-knows; a 30 s window costs a few GFLOP, milliseconds on a GPU.
+knows; a 30 s window costs about 23 GFLOP, milliseconds on a GPU. An
+utterance that arrives in pieces while it plays (a render session's) is
+one clip known so far: ``ClipFeatures`` encodes again only its last 30 s
+piece as it grows.
 """
 
 from __future__ import annotations
@@ -131,26 +134,30 @@ class WhisperFeatureEncoder:
         return (torch.maximum(log, peak - _DYNAMIC_RANGE) + 4.0) / 4.0
 
     @torch.inference_mode()
+    def encode_pieces(self, pieces: np.ndarray) -> np.ndarray:
+        """Hidden states ``(B, piece_frames, num_states, d_model)`` float32 of ``(B, piece_samples)`` windows.
+
+        Each window is 30 s of a clip, already padded with silence; the states
+        are ``WhisperEncoder(output_hidden_states=True)``'s, through the
+        encoder's public ``forward``, which takes the same arguments in every
+        transformers release avatalk supports.
+        """
+        with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
+            mel = self.log_mel(torch.from_numpy(pieces).to(self.device, non_blocking=True))
+            output = self.encoder(mel.to(self.dtype), output_hidden_states=True)
+            states = torch.stack(output.hidden_states, dim=2)
+            result: np.ndarray = states.float().cpu().numpy()
+        return result
+
     def encode(self, audio: np.ndarray) -> np.ndarray:
         """Hidden states of one clip: ``(clip_whisper_frames(len(audio)), num_states, d_model)`` float32.
 
         Every 30 s piece is padded to a full window and encoded (in one
-        batch); the states are ``WhisperEncoder(output_hidden_states=True)``'s,
-        through the encoder's public ``forward``, which takes the same
-        arguments in every transformers release avatalk supports.
+        batch), the pieces joined and cut as the official pipeline does.
         """
-        samples = np.asarray(audio, dtype=np.float32).reshape(-1)
-        keep = clip_whisper_frames(len(samples))
-        pieces = max(1, -(-len(samples) // self.piece_samples))
-        padded = np.zeros((pieces, self.piece_samples), np.float32)
-        padded.reshape(-1)[: len(samples)] = samples
-        with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
-            mel = self.log_mel(torch.from_numpy(padded).to(self.device, non_blocking=True))
-            output = self.encoder(mel.to(self.dtype), output_hidden_states=True)
-            states = torch.stack(output.hidden_states, dim=2)  # (pieces, frames, num_states, d_model)
-            flat = states.reshape(-1, self.num_states, self.d_model)[:keep]
-            result: np.ndarray = flat.float().cpu().numpy()
-        return result
+        clip = ClipFeatures(self)
+        clip.update(np.asarray(audio, dtype=np.float32).reshape(-1))
+        return clip.states
 
     def windows(self, states: np.ndarray, starts: Sequence[int] | np.ndarray) -> np.ndarray:
         """UNet ``encoder_hidden_states`` ``(len(starts), tokens, d_model)`` of a clip's ``states``.
@@ -169,3 +176,45 @@ class WhisperFeatureEncoder:
         tokens = gathered.reshape(len(index), self.tokens, self.d_model).astype(np.float32, copy=False)
         result: np.ndarray = tokens + self.positional
         return result
+
+
+class ClipFeatures:
+    """The Whisper states of one clip whose audio may still grow (an utterance streamed in pieces).
+
+    The official recipe encodes each 30 s piece of a clip on its own, so
+    when the clip grows only its last piece is encoded again: pieces that
+    were complete keep their states. Not thread-safe: one session uses it.
+    """
+
+    def __init__(self, encoder: WhisperFeatureEncoder) -> None:
+        self._encoder = encoder
+        self._buffer = np.zeros((0, encoder.num_states, encoder.d_model), np.float32)
+        self._length = 0  # samples the states were computed from
+
+    @property
+    def states(self) -> np.ndarray:
+        """The clip's states so far, cut as the official pipeline cuts them (a view, not a copy)."""
+        return self._buffer[: clip_whisper_frames(self._length)]
+
+    def update(self, audio: np.ndarray) -> None:
+        """Bring the states up to ``audio``, the clip so far (it only ever grows at its end)."""
+        if len(audio) == self._length:
+            return
+        encoder = self._encoder
+        size, frames = encoder.piece_samples, encoder.piece_frames
+        keep = self._length // size  # pieces that were complete: their states are final
+        rest = audio[keep * size :]
+        count = -(-len(rest) // size)
+        padded = np.zeros((count, size), np.float32)
+        padded.reshape(-1)[: len(rest)] = rest
+        needed = (keep + count) * frames
+        if len(self._buffer) < needed:
+            grown = np.zeros((needed, encoder.num_states, encoder.d_model), np.float32)
+            grown[: keep * frames] = self._buffer[: keep * frames]
+            self._buffer = grown
+        self._buffer[keep * frames : needed] = encoder.encode_pieces(padded).reshape(-1, *self._buffer.shape[1:])
+        self._length = len(audio)
+
+    def windows(self, starts: Sequence[int]) -> np.ndarray:
+        """The UNet's ``encoder_hidden_states`` of windows starting at Whisper frames ``starts`` (see ``windows``)."""
+        return self._encoder.windows(self.states, starts)

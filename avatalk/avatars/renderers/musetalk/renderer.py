@@ -43,7 +43,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -63,7 +63,7 @@ from avatalk.avatars.renderers.base import (
     output_shape_for,
 )
 from avatalk.avatars.renderers.musetalk.blending import Paste, jaw_paste
-from avatalk.avatars.renderers.musetalk.features import SAMPLES_PER_WHISPER_FRAME, WhisperFeatureEncoder
+from avatalk.avatars.renderers.musetalk.features import SAMPLES_PER_WHISPER_FRAME, ClipFeatures, WhisperFeatureEncoder
 from avatalk.avatars.renderers.musetalk.generator import FrameGenerator
 from avatalk.avatars.renderers.musetalk.latents import compute_latents, load_latents, store_latents
 from avatalk.avatars.renderers.musetalk.loader import MuseTalkModels, load_musetalk
@@ -285,46 +285,74 @@ class MuseTalkRenderer(Renderer):
         return tensor
 
 
-@dataclass(eq=False)
-class _Segment:
-    """A reply segment (a clip): where it plays, its audio, and its Whisper states once computed."""
+class _Clip:
+    """One clip the official recipe runs on: a reply segment, or an utterance whose pieces arrive one by one.
 
-    start: int  # 16 kHz sample of the session timeline
-    audio: np.ndarray
-    states: np.ndarray | None = None
+    Knows where it plays on the session's timeline, its audio so far, the
+    queued pieces it was assembled from (to recognise them when they are
+    announced again) and its Whisper states.
+    """
+
+    def __init__(self, start: int, audio: np.ndarray, encoder: WhisperFeatureEncoder) -> None:
+        self.start = start
+        self.pieces: dict[int, np.ndarray] = {start: audio}
+        self._audio = np.array(audio, dtype=np.float32)
+        self._length = len(audio)
+        self._features = ClipFeatures(encoder)
 
     @property
     def stop(self) -> int:
-        return self.start + len(self.audio)
+        return self.start + self._length
+
+    @property
+    def audio(self) -> np.ndarray:
+        return self._audio[: self._length]
+
+    def append(self, audio: np.ndarray) -> None:
+        """The next piece of the utterance, starting where the clip ends (the buffer grows by doubling)."""
+        needed = self._length + len(audio)
+        if needed > len(self._audio):
+            grown = np.zeros(max(needed, 2 * len(self._audio)), np.float32)
+            grown[: self._length] = self.audio
+            self._audio = grown
+        self.pieces[self.stop] = audio
+        self._audio[self._length : needed] = audio
+        self._length = needed
 
     def overlap(self, tick: int) -> int:
-        """Samples of this segment in ``tick``."""
+        """Samples of this clip in ``tick``."""
         first = tick * SAMPLES_PER_TICK
         return max(0, min(self.stop, first + SAMPLES_PER_TICK) - max(self.start, first))
 
-    def whisper_start(self, tick: int) -> int:
-        """The Whisper frame of this clip where ``tick`` starts (frame ``i`` of a clip on the grid: ``2 i``)."""
-        offset = tick * SAMPLES_PER_TICK - self.start
-        return (offset + SAMPLES_PER_WHISPER_FRAME // 2) // SAMPLES_PER_WHISPER_FRAME
+    def tick_audio(self, tick: int, out: np.ndarray) -> None:
+        """Write this clip's samples of ``tick`` into ``out`` (one tick long)."""
+        first = tick * SAMPLES_PER_TICK
+        lo, hi = max(self.start, first), min(self.stop, first + SAMPLES_PER_TICK)
+        if lo < hi:
+            out[lo - first : hi - first] = self.audio[lo - self.start : hi - self.start]
 
+    def features(self, ticks: list[int]) -> np.ndarray:
+        """The UNet's audio features of ``ticks`` from this clip as known now (encoded when it has grown).
 
-@dataclass(eq=False)
-class _Provisional:
-    """Ticks rendered without an announced segment: a clip that ends at the audio known so far."""
-
-    first_tick: int
-    audio: list[np.ndarray] = field(default_factory=list)
+        Tick ``t`` takes the ten Whisper frames from the one nearest to where
+        it starts in the clip: frame ``i`` of a clip that starts on a tick
+        is exactly the official frame ``i`` (``[2i - 4, 2i + 6)``).
+        """
+        self._features.update(self.audio)
+        half = SAMPLES_PER_WHISPER_FRAME // 2
+        starts = [(tick * SAMPLES_PER_TICK - self.start + half) // SAMPLES_PER_WHISPER_FRAME for tick in ticks]
+        return self._features.windows(starts)
 
 
 @dataclass(slots=True)
 class _Pending:
     future: Future[np.ndarray | None]
     deadline: float
-    segment: _Segment | None
+    clip: _Clip
 
 
 class MuseTalkSession(RendererSession):
-    """One conversation rendered with MuseTalk: its reply segments, frames in flight, health.
+    """One conversation rendered with MuseTalk: its reply clips, frames in flight, health.
 
     Called from one worker thread at a time (the session's video stage).
     """
@@ -349,8 +377,8 @@ class MuseTalkSession(RendererSession):
         self.stats = RenderStats()
         #: Frees this session's GPU slot (set by the renderer; called by ``close``).
         self.release: Callable[[], object] = lambda: None
-        self._segments: list[_Segment] = []
-        self._provisional: _Provisional | None = None
+        self._clips: list[_Clip] = []  # announced by look_ahead, in order
+        self._unannounced: _Clip | None = None  # the audio render() was given without look_ahead
         self._pending: dict[int, _Pending] = {}
         self._anchor = (0, 0.0)  # (tick, time render(tick) is called)
         self._recent: deque[bool] = deque(maxlen=_HEALTH_WINDOW)
@@ -365,7 +393,7 @@ class MuseTalkSession(RendererSession):
     def look_ahead(self, tick: int, segments: Sequence[SpeechSegment]) -> None:
         """The queued reply segments: compute the features of those about to play and submit their frames early."""
         self._anchor = (tick, time.monotonic())
-        self._update_segments(tick, segments)
+        self._update_clips(tick, segments)
         self._submit_ahead(tick)
 
     def render(self, tick: int, audio: np.ndarray) -> np.ndarray:
@@ -379,25 +407,22 @@ class MuseTalkSession(RendererSession):
         if self._silent(samples):
             if pending is not None:
                 pending.future.cancel()
-            self._provisional = None
+            self._unannounced = None
             self.stats.silent += 1
             return self.idle_frame(tick)
         if pending is None:
-            segment = self._owner(tick)
-            if segment is not None:
-                self._provisional = None
-                features = self._features(segment, [tick])[0]
-            else:
-                features = self._provisional_features(tick, samples)
-            pending = self._submit(tick, features, now + self._budget_s, segment)
+            clip = self._owner(tick)
+            if clip is None:
+                clip = self._unannounced_clip(tick, samples)
+            pending = self._submit(tick, clip.features([tick])[0], now + self._budget_s, clip)
         return self._collect(tick, pending)
 
     def reset(self) -> None:
         for pending in self._pending.values():
             pending.future.cancel()
         self._pending.clear()
-        self._segments = []
-        self._provisional = None
+        self._clips = []
+        self._unannounced = None
 
     def close(self) -> None:
         self.reset()
@@ -408,85 +433,89 @@ class MuseTalkSession(RendererSession):
     def _silent(self, samples: np.ndarray) -> bool:
         return float(np.mean(np.square(samples, dtype=np.float64))) < self._silence_power
 
-    def _update_segments(self, tick: int, announced: Sequence[SpeechSegment]) -> None:
-        """Take the queued segments as the truth; frames made for segments that are gone are cancelled.
+    def _update_clips(self, tick: int, announced: Sequence[SpeechSegment]) -> None:
+        """Take the queued segments as the truth; frames made for clips that are gone are cancelled.
 
-        A known segment is kept (with its features) when one with the same
-        start and audio is announced again; one no longer announced is kept
-        only while it still covers this tick (the clock took its last audio
-        off the queue), otherwise it was dropped (barge-in, a refilled queue).
+        A segment announced before keeps its clip (and its features); one
+        that ``continues`` the segment before it grows that clip. A known clip
+        no longer announced is kept only while it still covers this tick (the
+        clock took its last audio off the queue); otherwise it was dropped
+        (barge-in, a refilled queue).
         """
-        known = {segment.start: segment for segment in self._segments}
-        segments = []
-        for item in announced:
-            if not len(item.audio):
+        known = {start: clip for clip in self._clips for start in clip.pieces}
+        clips: list[_Clip] = []
+        previous: _Clip | None = None
+        for segment in announced:
+            if not len(segment.audio):
                 continue
-            old = known.pop(item.start, None)
-            same = old is not None and (
-                old.audio is item.audio or (len(old.audio) == len(item.audio) and np.array_equal(old.audio, item.audio))
-            )
-            segments.append(old if same and old is not None else _Segment(item.start, item.audio))
-        segments += [segment for segment in known.values() if segment.overlap(tick)]
-        segments.sort(key=lambda segment: segment.start)
-        self._segments = segments
+            clip = known.get(segment.start)
+            if clip is not None and _same(clip.pieces[segment.start], segment.audio):
+                pass
+            elif segment.continues and (grown := self._continued(segment.start, previous)) is not None:
+                grown.append(segment.audio)
+                clip = grown
+            else:
+                clip = _Clip(segment.start, segment.audio, self._encoder)
+            if clip not in clips:
+                clips.append(clip)
+            previous = clip
+        clips += [clip for clip in self._clips if clip not in clips and clip.overlap(tick)]
+        self._clips = sorted(clips, key=lambda clip: clip.start)
         for ticked, pending in list(self._pending.items()):
-            if pending.segment is not None and self._owner(ticked) is not pending.segment:
+            if self._owner(ticked) is not pending.clip:
                 pending.future.cancel()
                 del self._pending[ticked]
 
-    def _owner(self, tick: int) -> _Segment | None:
-        """The segment a tick's frame is drawn from: the one with most audio in it (the later one on a tie)."""
+    def _continued(self, start: int, previous: _Clip | None) -> _Clip | None:
+        """The clip a continuing segment starting at ``start`` belongs to: the one that ends there."""
+        if previous is not None and previous.stop == start:
+            return previous
+        return next((clip for clip in self._clips if clip.stop == start), None)
+
+    def _owner(self, tick: int) -> _Clip | None:
+        """The clip a tick's frame is drawn from: the one with most audio in it (the later one on a tie)."""
         best, most = None, 0
-        for segment in self._segments:
-            overlap = segment.overlap(tick)
+        for clip in self._clips:
+            overlap = clip.overlap(tick)
             if overlap and overlap >= most:
-                best, most = segment, overlap
+                best, most = clip, overlap
         return best
 
     def _submit_ahead(self, tick: int) -> None:
-        """Submit the speaking frames of announced segments from ``tick`` up to the look-ahead horizon."""
+        """Submit the speaking frames of announced clips from ``tick`` up to the look-ahead horizon."""
         anchor_tick, anchor_time = self._anchor
-        by_segment: dict[int, tuple[_Segment, list[int]]] = {}
+        by_clip: dict[int, tuple[_Clip, list[int]]] = {}
         for ahead in range(tick, tick + self._horizon + 1):
             if ahead in self._pending:
                 continue
-            segment = self._owner(ahead)
-            if segment is None or self._silent(self._tick_audio(ahead)):
+            clip = self._owner(ahead)
+            if clip is None or self._silent(self._tick_audio(ahead)):
                 continue
-            by_segment.setdefault(id(segment), (segment, []))[1].append(ahead)
-        for segment, ticks in by_segment.values():
-            for ahead, features in zip(ticks, self._features(segment, ticks), strict=True):
+            by_clip.setdefault(id(clip), (clip, []))[1].append(ahead)
+        for clip, ticks in by_clip.values():  # the clip of this tick first: its frame is due soonest
+            for ahead, features in zip(ticks, clip.features(ticks), strict=True):
                 call_time = anchor_time + (ahead - anchor_tick) * TICK_S
-                self._pending[ahead] = self._submit(ahead, features, call_time + self._budget_s, segment)
+                self._pending[ahead] = self._submit(ahead, features, call_time + self._budget_s, clip)
 
     def _tick_audio(self, tick: int) -> np.ndarray:
-        """The tick's audio as the announced segments place it (what ``render`` will be given)."""
-        first = tick * SAMPLES_PER_TICK
+        """The tick's audio as the announced clips place it (what ``render`` will be given)."""
         out = np.zeros(SAMPLES_PER_TICK, np.float32)
-        for segment in self._segments:
-            if segment.overlap(tick):
-                lo, hi = max(segment.start, first), min(segment.stop, first + SAMPLES_PER_TICK)
-                out[lo - first : hi - first] = segment.audio[lo - segment.start : hi - segment.start]
+        for clip in self._clips:
+            clip.tick_audio(tick, out)
         return out
 
-    def _features(self, segment: _Segment, ticks: list[int]) -> np.ndarray:
-        """The UNet's audio features of ``ticks`` from their segment's clip (encoded the first time it is needed)."""
-        if segment.states is None:
-            segment.states = self._encoder.encode(segment.audio)
-        return self._encoder.windows(segment.states, [segment.whisper_start(tick) for tick in ticks])
+    def _unannounced_clip(self, tick: int, samples: np.ndarray) -> _Clip:
+        """The clip of a tick no segment announced: the audio rendered so far, ticks that follow each other."""
+        clip = self._unannounced
+        if clip is None or clip.stop != tick * SAMPLES_PER_TICK:
+            clip = self._unannounced = _Clip(tick * SAMPLES_PER_TICK, samples, self._encoder)
+        else:
+            clip.append(samples)
+        return clip
 
-    def _provisional_features(self, tick: int, samples: np.ndarray) -> np.ndarray:
-        """Features of a tick no segment announced: the official recipe on the clip rendered so far."""
-        clip = self._provisional
-        if clip is None or clip.first_tick + len(clip.audio) != tick:
-            clip = self._provisional = _Provisional(tick)
-        clip.audio.append(samples)
-        states = self._encoder.encode(np.concatenate(clip.audio))
-        return self._encoder.windows(states, [2 * (tick - clip.first_tick)])[0]
-
-    def _submit(self, tick: int, features: np.ndarray, deadline: float, segment: _Segment | None) -> _Pending:
+    def _submit(self, tick: int, features: np.ndarray, deadline: float, clip: _Clip) -> _Pending:
         latents = self._data.latents[cycle_frame(self._avatar, tick)]
-        return _Pending(self._scheduler.submit(latents, features, deadline), deadline, segment)
+        return _Pending(self._scheduler.submit(latents, features, deadline), deadline, clip)
 
     def _collect(self, tick: int, pending: _Pending) -> np.ndarray:
         """Wait for the generated face until the deadline and paste it; the idle frame if it does not come.
@@ -527,3 +556,8 @@ class MuseTalkSession(RendererSession):
         elif self.stats.degraded and late == 0 and len(self._recent) == _HEALTH_WINDOW:
             self.stats.degraded = False
             logger.info("musetalk session recovered: the last %d frames were on time", _HEALTH_WINDOW)
+
+
+def _same(known: np.ndarray, announced: np.ndarray) -> bool:
+    """Whether an announced segment is the one known (the clock passes the same array each time)."""
+    return known is announced or (len(known) == len(announced) and np.array_equal(known, announced))
