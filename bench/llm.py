@@ -120,11 +120,11 @@ async def conversation(llm: LLM, settings: Settings, turns: int) -> dict[str, ob
     return {"first_token_ms": firsts, "turns_2_6_median": early, "last_5_median": late, "ratio": round(late / early, 2)}
 
 
-async def measure(backend: str, threads: int | None, turns: int) -> dict[str, object]:
+async def measure(backend: str, threads: int | None, threads_batch: int | None, turns: int) -> dict[str, object]:
     overrides: dict[str, object] = {"backend": backend, "max_tokens": 128}
     if threads is not None:
         overrides["llama_cpp"] = {"threads": threads}
-        overrides["llama_server"] = {"threads": threads, "threads_batch": threads}
+        overrides["llama_server"] = {"threads": threads, "threads_batch": threads_batch or threads}
     settings = Settings(llm=overrides)
     executors = Executors.create(settings.executors)
     started = time.perf_counter()
@@ -134,6 +134,8 @@ async def measure(backend: str, threads: int | None, turns: int) -> dict[str, ob
         await llm.warm_up([ChatMessage("system", "You are a helpful assistant."), ChatMessage("user", "Hello!")])
         section = settings.llm.llama_cpp if backend == "llama-cpp" else settings.llm.llama_server
         result: dict[str, object] = {"backend": backend, "threads": section.threads, "load_s": round(loaded_s, 2)}
+        if backend == "llama-server":
+            result["threads_batch"] = settings.llm.llama_server.threads_batch
         for count in (1, 4):
             result[f"streams_{count}"] = await concurrent(llm, count, f"s{count}")
         if turns:
@@ -148,11 +150,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", choices=["both", "llama-cpp", "llama-server"], default="both")
     parser.add_argument("--threads", type=int, help="threads of both backends (default: each one's setting)")
+    parser.add_argument("--threads-batch", type=int, help="llama-server's prompt threads (default: --threads)")
     parser.add_argument("--turns", type=int, default=30, help="turns of the one-session conversation (0: skip)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     backends = ["llama-cpp", "llama-server"] if args.backend == "both" else [args.backend]
-    results = [asyncio.run(measure(backend, args.threads, args.turns)) for backend in backends]
+    results = [asyncio.run(measure(backend, args.threads, args.threads_batch, args.turns)) for backend in backends]
     if args.json:
         print(json.dumps(results, indent=2))
         return

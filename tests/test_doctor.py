@@ -64,7 +64,7 @@ def _with_model_path(settings: Settings, section: str, path: Path) -> Settings:
     ("check", "section", "file_name", "setting"),
     [
         ("vad", "vad", "vad.onnx", "AVATALK_VAD__MODEL_PATH"),
-        ("llm", "llm.llama_cpp", "model.gguf", "AVATALK_LLM__LLAMA_CPP__MODEL_PATH"),
+        ("llm", "llm.llama_server", "model.gguf", "AVATALK_LLM__LLAMA_SERVER__MODEL_PATH"),
     ],
 )
 def test_a_file_that_is_not_a_model_fails_to_load(

@@ -29,6 +29,7 @@ def test_examples_follow_the_system_prompt_and_are_not_history() -> None:
         ChatMessage("assistant", "One plus one is two."),
         ChatMessage("user", "what is the time"),  # max_turns=0 drops history, never the examples
     ]
+    assert [m.content for m in dialogue.history()] == ["hello", "Hi there, how can I help you today?", "what is the time"]
 
 
 def test_a_reply_the_model_repeated_is_left_out_and_its_question_joins_the_next() -> None:
@@ -90,3 +91,19 @@ def test_quality_questions_are_not_among_the_examples() -> None:
     shown = {user.lower().strip() for user, _answer in DEFAULT_EXAMPLES}
     assert len(asked) >= 40
     assert not asked & shown
+
+
+def test_the_history_window_moves_in_steps_so_its_start_stays_put_for_several_turns() -> None:
+    dialogue = DialogueMemory("sys", max_turns=8, max_tokens=1000, count_tokens=words)
+    previous: list[ChatMessage] = []
+    moves = 0
+    for turn in range(30):
+        dialogue.add_user(f"question number {turn}")
+        shown = dialogue.messages()
+        assert len(shown) - 1 <= 2 * 8 + 1  # never over the budget
+        if previous and shown[: len(previous)] != previous:
+            moves += 1  # the history no longer starts as it did: a prompt cache misses here
+        dialogue.add_assistant(f"answer number {turn} is a different one")
+        previous = [*shown, ChatMessage("assistant", f"answer number {turn} is a different one")]
+    # Sliding one exchange per turn would change the start on every turn from the ninth on (21 times).
+    assert 1 <= moves <= 6

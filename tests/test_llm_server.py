@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from avatalk.client import AvatalkClient
 from avatalk.config import Settings
 from avatalk.executors import Executors
 from avatalk.llm import ChatMessage, LLMError, create_llm
@@ -42,9 +44,14 @@ def have_llama_server() -> bool:
     return True
 
 
-needs_llama_server = pytest.mark.skipif(
+_skip_without_server = pytest.mark.skipif(
     not have_llama_server(), reason="llama-server is not built (run `make setup`, which compiles it once)"
 )
+
+
+def needs_llama_server(test: Callable[..., Any]) -> Callable[..., Any]:
+    """Runs the real llama-server with the embedded model: skipped where it is not built, and slow."""
+    return pytest.mark.slow(_skip_without_server(test))
 
 
 # --- slots: which session decodes where ---------------------------------------------------
@@ -222,3 +229,44 @@ def test_a_server_that_cannot_start_fails_with_its_output(tmp_path: Path, execut
     bogus.write_bytes(b"this is not a gguf file" * 100)
     with pytest.raises(LLMError, match="exited with status"):
         create_llm(server_settings(llama_server={"model_path": bogus}), executors)
+
+
+@needs_llama_server
+async def test_a_turn_in_flight_when_the_server_dies_ends_with_a_clear_error_and_the_next_is_answered(
+    live_server_factory, engine_models, executors: Executors
+) -> None:
+    from avatalk.streaming.models import EngineModels
+
+    llm = create_llm(server_settings(max_tokens=400), executors)
+    assert isinstance(llm, LlamaServerLLM)
+    models = EngineModels(vad=engine_models.vad, asr=engine_models.asr, llm=llm, tts=engine_models.tts)
+    server = live_server_factory(models=models)
+    client = AvatalkClient(server.ws_url)
+    await client.connect()
+    try:
+        await client.wait_for(lambda e: e["type"] == "session.created")
+        await client.configure(16000, 24000, greeting=False)
+        mark = len(client.events)
+        await client.send_event("conversation.item.create", text=STORY)
+        await client.wait_for(lambda e: e["type"] == "response.text.delta", since=mark, timeout=60)
+        pid = llm.server.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        error = await client.wait_for(lambda e: e["type"] == "error", since=mark, timeout=60)
+        assert error["code"] == "llm_error"
+        assert "llama-server) stopped during the reply" in error["message"]
+        failed = await client.wait_for(lambda e: e["type"] == "response.done", since=mark, timeout=60)
+        assert failed["status"] == "failed" and failed["turn_id"] == error["turn_id"]
+        # The supervisor brings it back; the next question is answered by the new process.
+        mark = len(client.events)
+        await client.send_event("conversation.item.create", text=QUESTIONS[0])
+        done = await client.wait_for(
+            lambda e: e["type"] == "response.done" and e["status"] == "completed" and "Sorry" not in e["text"],
+            since=mark,
+            timeout=90,
+        )
+        assert done["text"].strip()
+        assert llm.server.restarts == 1 and llm.server.pid not in (None, pid)
+    finally:
+        await client.close()
+        await llm.aclose()

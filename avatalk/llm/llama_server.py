@@ -345,6 +345,8 @@ class SlotTable:
         self._slots = slots
         self._owners: OrderedDict[str, int] = OrderedDict()
         self._busy = [0] * slots
+        # One loaded backend may serve several event loops in threads (tests): keep the counts exact.
+        self._lock = threading.Lock()
 
     @property
     def size(self) -> int:
@@ -352,14 +354,16 @@ class SlotTable:
 
     def acquire(self, session_key: str | None) -> int:
         """The slot for this request (-1: any), counted busy until ``release``."""
-        slot = self._slot_for(session_key)
-        if slot >= 0:
-            self._busy[slot] += 1
-        return slot
+        with self._lock:
+            slot = self._slot_for(session_key)
+            if slot >= 0:
+                self._busy[slot] += 1
+            return slot
 
     def release(self, slot: int) -> None:
         if slot >= 0:
-            self._busy[slot] -= 1
+            with self._lock:
+                self._busy[slot] -= 1
 
     def _slot_for(self, session_key: str | None) -> int:
         if session_key is None:
@@ -534,4 +538,7 @@ class LlamaServerLLM(OpenAICompatibleLLM):
     async def aclose(self) -> None:
         """Close the connections and stop the server process."""
         await super().aclose()
-        await run_in(self._executor, self.server.stop)
+        try:
+            await run_in(self._executor, self.server.stop)
+        except RuntimeError:  # the pools are already shut down: stop it from a plain thread
+            await asyncio.to_thread(self.server.stop)

