@@ -95,7 +95,7 @@ class FakeLLM(LLM):
     def from_settings(cls, settings: Settings, executors: Executors) -> FakeLLM:
         return cls(executor=executors.llm)
 
-    async def stream(self, messages: list[ChatMessage]) -> AsyncIterator[str]:
+    async def stream(self, messages: list[ChatMessage], session_key: str | None = None) -> AsyncIterator[str]:
         self.calls.append(messages)
         async with self._lock:
             if self.hold_s:

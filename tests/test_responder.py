@@ -91,7 +91,7 @@ async def test_a_reply_played_to_the_end_completes_with_its_latency_marks() -> N
 
 async def test_an_llm_failure_ends_the_turn_and_speaks_the_fallback() -> None:
     class DeadLLM(FakeLLM):
-        async def stream(self, messages):  # type: ignore[override]
+        async def stream(self, messages, session_key=None):  # type: ignore[override]
             raise LLMError("the LLM server is not running")
             yield ""
 

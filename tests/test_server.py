@@ -285,7 +285,7 @@ class SilentLLMForTest:
 
     name = "silent"
 
-    async def stream(self, messages):
+    async def stream(self, messages, session_key=None):
         await asyncio.sleep(3600)
         yield ""
 

@@ -158,7 +158,7 @@ async def test_speech_during_the_transcription_continues_the_turn_instead_of_get
     first, second = collector.of_type(ResponseDone)[:2]
     assert completed is first and (first.turn_id, first.status) == (1, "interrupted")
     assert (second.turn_id, second.status) == (2, "completed")
-    users = [message.content for message in session.memory.messages() if message.role == "user"]
+    users = [message.content for message in session.memory.history() if message.role == "user"]
     assert users == ["Hello there. Hello there."]  # one question, merged
 
 
@@ -180,7 +180,7 @@ async def test_a_prepared_reply_is_committed_when_the_turn_ends_as_heard() -> No
     assert kinds.index("SpeechStopped") < kinds.index("TranscriptionCompleted") < kinds.index("ResponseCreated")
     latency = collector.of_type(Latency)[0]
     assert latency.preemptive is True and latency.marks_ms["first_audio"] >= latency.marks_ms["llm_first_token"] >= 0
-    assert [m.content for m in session.memory.messages() if m.role == "user"] == ["What is two plus two"]
+    assert [m.content for m in session.memory.history() if m.role == "user"] == ["What is two plus two"]
 
 
 async def test_a_prepared_reply_is_dropped_without_a_trace_when_the_user_speaks_on() -> None:
@@ -198,5 +198,5 @@ async def test_a_prepared_reply_is_dropped_without_a_trace_when_the_user_speaks_
     assert len(collector.of_type(ResponseCreated)) == 1 and done.status == "completed"
     deltas = "".join(event.delta for event in collector.of_type(ResponseTextDelta))
     assert deltas.strip() == "Sure."  # the dropped reply's text never reached the client
-    assert [m.content for m in session.memory.messages() if m.role == "user"] == ["I would like"]
-    assert [m.content for m in session.memory.messages() if m.role == "assistant"] == ["Sure."]
+    assert [m.content for m in session.memory.history() if m.role == "user"] == ["I would like"]
+    assert [m.content for m in session.memory.history() if m.role == "assistant"] == ["Sure."]

@@ -253,6 +253,10 @@ class LlamaServerProcess:
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
+                    # Its own process group: a SIGTERM to avatalk's group (Ctrl-C, systemd) must not kill
+                    # the model under replies that are finishing during the drain; the parent-death
+                    # signal still stops it when avatalk itself goes away.
+                    start_new_session=True,
                 )
             except OSError as error:
                 return f"could not start llama-server ({self._program}): {error}"

@@ -357,7 +357,7 @@ class Responder:
 
     async def _generate(self, reply: Reply, sentences: asyncio.Queue[str | None], messages: list[ChatMessage]) -> None:
         splitter = self._splitter(first_chunk=True)
-        stream = self._llm.stream(messages)
+        stream = self._llm.stream(messages, session_key=self._name)  # the session keeps its LLM slot (cached prefix)
         wait_s = self._llm_settings.first_token_timeout_s
         try:
             async with asyncio.timeout(wait_s) as first_token:

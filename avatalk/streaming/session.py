@@ -124,6 +124,7 @@ class ConversationSession:
             max_turns=settings.llm.history_turns,
             max_tokens=settings.llm.history_tokens,
             count_tokens=models.llm.count_tokens,
+            examples=self.persona.examples,
         )
         self._tasks = TaskSet(session_id, task_context(session_id))
         self._next_turn_id = 1
