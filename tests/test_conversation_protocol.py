@@ -124,7 +124,7 @@ class EchoLLMForTest(LLM):
     def from_settings(cls, settings: Settings, executors: Executors) -> EchoLLMForTest:
         return cls()
 
-    async def stream(self, messages: list[ChatMessage]) -> AsyncIterator[str]:
+    async def stream(self, messages: list[ChatMessage], session_key: str | None = None) -> AsyncIterator[str]:
         self.asked.append(list(messages))
         role = "user" if self.echo == "user" else "system"
         text = [message.content for message in messages if message.role == role][-1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -217,10 +218,7 @@ async def test_llama_cpp_sessions_take_turns_in_arrival_order(
     monkeypatch.setattr(FakeLlama, "most_at_once", 0)
     model_file = tmp_path / "fake.gguf"
     model_file.write_bytes(b"GGUF")
-    pools = Executors.create()
-    executors = Executors(
-        vad=pools.vad, asr=pools.asr, llm=pool, tts=pools.tts, render=pools.render, encode=pools.encode
-    )
+    executors = dataclasses.replace(Executors.create(), llm=pool)
     llm = LlamaCppLLM(model_file, executors)
 
     async def reply(text: str) -> str:
@@ -236,4 +234,4 @@ async def test_llama_cpp_sessions_take_turns_in_arrival_order(
     assert [text.split()[1] for text in FakeLlama.started] == ["0", "1", "2", "3"]
     assert FakeLlama.most_at_once == 1
     await llm.aclose()
-    pools.shutdown()
+    executors.shutdown()
