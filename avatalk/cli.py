@@ -24,7 +24,7 @@ def serve(
     """Load the models and serve the API and the WebSocket; SIGTERM drains the sessions, then stops."""
     from avatalk.logs import configure_logging
     from avatalk.server.auth import check_exposure
-    from avatalk.server.node import serve as serve_node
+    from avatalk.server.app import serve as serve_node
 
     settings = Settings()
     if host is not None:

@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
@@ -28,7 +29,7 @@ from avatalk.observability import setup_metrics
 from avatalk.server.auth import AuthMiddleware, RateLimiter, check_exposure
 from avatalk.server.avatars_api import router as avatars_router
 from avatalk.server.avatars_api import setup_avatars, shutdown_avatars
-from avatalk.server.node import AgentServer, drain, readiness
+from avatalk.server.node import AgentServer, GracefulServer, drain, readiness
 from avatalk.server.renders_api import router as renders_router
 from avatalk.server.services import Services
 from avatalk.server.tokens_api import router as tokens_router
@@ -157,3 +158,24 @@ def create_app(settings: Settings, models: EngineModels | None = None) -> FastAP
 
     app.openapi = openapi_schema  # type: ignore[method-assign]
     return app
+
+
+def serve(settings: Settings) -> None:
+    """Serve the app on ``settings.host``/``port`` until SIGTERM or SIGINT, draining first."""
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        ws="websockets-sansio",
+        ws_max_size=settings.limits.max_ws_message_bytes,
+        # The drain has run by the time uvicorn shuts down; this bounds what is left (uploads, requests).
+        timeout_graceful_shutdown=int(settings.limits.drain_s) + 5,
+        log_level=settings.log_level.lower(),
+        log_config=None,  # keep the handlers configure_logging installed
+    )
+    server = GracefulServer(config, app)
+    server.run()
+    if not server.started:  # the lifespan failed (uvicorn logged why): say so to the supervisor
+        raise SystemExit(3)

@@ -33,7 +33,6 @@ from typing import Literal
 import uvicorn
 from starlette.applications import Starlette
 
-from avatalk.config import Settings
 from avatalk.server.services import Services, services
 
 logger = logging.getLogger(__name__)
@@ -184,26 +183,3 @@ class GracefulServer(uvicorn.Server):
             logger.exception("draining failed; shutting down anyway")
         finally:
             self.should_exit = True
-
-
-def serve(settings: Settings) -> None:
-    """Serve the app on ``settings.host``/``port`` until SIGTERM or SIGINT, draining first."""
-    from avatalk.server.app import create_app
-
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        ws="websockets-sansio",
-        ws_max_size=settings.limits.max_ws_message_bytes,
-        # The drain has run by the time uvicorn shuts down; this bounds what is left (uploads, requests).
-        timeout_graceful_shutdown=int(settings.limits.drain_s) + 5,
-        log_level=settings.log_level.lower(),
-        log_config=None,  # keep the handlers configure_logging installed
-    )
-    server = GracefulServer(config, app)
-    server.run()
-    if not server.started:  # the lifespan failed (uvicorn logged why): say so to the supervisor
-        raise SystemExit(3)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Literal
 
 from aiortc import RTCPeerConnection, RTCSessionDescription
@@ -154,14 +155,7 @@ async def webrtc_offer(body: OfferIn, request: Request) -> AnswerOut:
         if state in ("failed", "closed"):
             await hang_up(f"connection {state}")
 
-    try:
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=body.sdp, type="offer"))
-        pc.addTrack(output.audio)
-        pc.addTrack(output.video)
-        await pc.setLocalDescription(await pc.createAnswer())
-    except Exception as error:  # aiortc raises ValueError, InvalidStateError, ... for unusable SDP
-        await hang_up("bad offer")
-        raise HTTPException(400, f"the SDP offer could not be used: {error or error.__class__.__name__}") from error
+    await _answer(pc, body.sdp, output, hang_up)
 
     calls[session.id] = call
     session.on_end = lambda: hang_up("session limit reached")
@@ -282,14 +276,7 @@ async def watch_render_session(session_id: str, body: ViewerOfferIn, request: Re
         if state in ("failed", "closed"):
             await hang_up(f"connection {state}")
 
-    try:
-        await pc.setRemoteDescription(RTCSessionDescription(sdp=body.sdp, type="offer"))
-        pc.addTrack(output.audio)
-        pc.addTrack(output.video)
-        await pc.setLocalDescription(await pc.createAnswer())
-    except Exception as error:  # aiortc raises ValueError, InvalidStateError, ... for unusable SDP
-        await hang_up("bad offer")
-        raise HTTPException(400, f"the SDP offer could not be used: {error or error.__class__.__name__}") from error
+    await _answer(pc, body.sdp, output, hang_up)
     try:
         session.add_viewer(output, lambda: hang_up("render session ended"))
     except RuntimeError as error:  # the session closed while the offer was answered
@@ -326,3 +313,17 @@ async def stop_watching(session_id: str, viewer_id: str, request: Request) -> Re
     logger.info("session %s viewer %s left: hung up by the viewer", session_id, viewer_id)
     await viewer.close()
     return Response(status_code=204)
+
+
+async def _answer(
+    pc: RTCPeerConnection, sdp: str, output: WebRTCOutput, hang_up: Callable[[str], Awaitable[None]]
+) -> None:
+    """Take the offer, add the two clock-fed tracks, make the answer; an unusable offer hangs up with 400."""
+    try:
+        await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        pc.addTrack(output.audio)
+        pc.addTrack(output.video)
+        await pc.setLocalDescription(await pc.createAnswer())
+    except Exception as error:  # aiortc raises ValueError, InvalidStateError, ... for unusable SDP
+        await hang_up("bad offer")
+        raise HTTPException(400, f"the SDP offer could not be used: {error or error.__class__.__name__}") from error

@@ -39,7 +39,12 @@ class EngineModels:
     def load(cls, settings: Settings) -> EngineModels:
         """Load every model (blocking, seconds): run it in a worker thread."""
         started = time.perf_counter()
-        executors = Executors.create(settings.executors)
+        pools = settings.executors
+        if settings.avatars.renderer == "musetalk":
+            # Each MuseTalk session's render call waits on its pool thread for the GPU batch that holds
+            # its frame: one thread per session the GPU may serve, or sessions would queue for threads.
+            pools = pools.model_copy(update={"render": max(pools.render, settings.musetalk.max_sessions)})
+        executors = Executors.create(pools)
         models = cls(
             vad=SileroVAD(settings.vad_model_path()),
             asr=WhisperASR(settings.asr_model_path(), settings.asr),
