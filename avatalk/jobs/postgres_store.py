@@ -35,7 +35,7 @@ from avatalk.jobs.model import (
     JobNotFound,
     JobState,
 )
-from avatalk.jobs.store import JobStore
+from avatalk.jobs.store import JobStore, list_query
 
 try:
     import psycopg
@@ -205,25 +205,16 @@ class PostgresJobStore(JobStore):
         states: Iterable[JobState] | None = None,
         oldest_first: bool = False,
     ) -> list[Job]:
-        where: list[str] = []
-        parameters: list[Any] = []
-        if kind is not None:
-            where.append("kind = %s")
-            parameters.append(kind)
-        if avatar_id is not None:
-            where.append("avatar_id = %s")
-            parameters.append(avatar_id)
-        if states is not None:
-            where.append("state = ANY(%s)")
-            parameters.append([JobState(state).value for state in states])
-        order = "ASC" if oldest_first else "DESC"
-        sql = f"SELECT {_COLUMNS} FROM avatalk_jobs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += f" ORDER BY created_at {order}, seq {order}"
-        if limit is not None:
-            sql += " LIMIT %s"
-            parameters.append(limit)
+        sql, parameters = list_query(
+            f"SELECT {_COLUMNS} FROM avatalk_jobs",
+            "%s",
+            "seq",
+            limit=limit,
+            kind=kind,
+            avatar_id=avatar_id,
+            states=states,
+            oldest_first=oldest_first,
+        )
         return [_job_from_row(row) for row in self._fetch(sql, parameters)]
 
     def count(self, states: Iterable[JobState]) -> int:

@@ -29,7 +29,7 @@ from avatalk.jobs.model import (
     JobNotFound,
     JobState,
 )
-from avatalk.jobs.store import JobStore
+from avatalk.jobs.store import JobStore, list_query
 
 logger = logging.getLogger(__name__)
 
@@ -170,26 +170,16 @@ class SQLiteJobStore(JobStore):
         states: Iterable[JobState] | None = None,
         oldest_first: bool = False,
     ) -> list[Job]:
-        where: list[str] = []
-        parameters: list[Any] = []
-        if kind is not None:
-            where.append("kind = ?")
-            parameters.append(kind)
-        if avatar_id is not None:
-            where.append("avatar_id = ?")
-            parameters.append(avatar_id)
-        if states is not None:
-            wanted = [JobState(state).value for state in states]
-            where.append(f"state IN ({_placeholders(wanted)})")
-            parameters.extend(wanted)
-        order = "ASC" if oldest_first else "DESC"
-        sql = f"SELECT {_COLUMNS} FROM jobs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += f" ORDER BY created_at {order}, rowid {order}"
-        if limit is not None:
-            sql += " LIMIT ?"
-            parameters.append(limit)
+        sql, parameters = list_query(
+            f"SELECT {_COLUMNS} FROM jobs",
+            "?",
+            "rowid",
+            limit=limit,
+            kind=kind,
+            avatar_id=avatar_id,
+            states=states,
+            oldest_first=oldest_first,
+        )
         return [_job_from_row(row) for row in self._execute(sql, tuple(parameters))]
 
     # --- writing -------------------------------------------------------------

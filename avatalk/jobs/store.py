@@ -161,3 +161,39 @@ class JobStore(ABC):
         when it is opened instead, so the default does nothing.
         """
         return []
+
+
+def list_query(
+    select: str,
+    placeholder: str,
+    tiebreak: str,
+    *,
+    limit: int | None,
+    kind: str | None,
+    avatar_id: str | None,
+    states: Iterable[JobState] | None,
+    oldest_first: bool,
+) -> tuple[str, list[Any]]:
+    """The SQL and parameters of ``JobStore.list`` for a store whose driver uses ``placeholder``.
+
+    ``select`` is the ``SELECT ... FROM table`` part; ``tiebreak`` orders jobs created
+    in the same instant (the table's insertion order).
+    """
+    where: list[str] = []
+    parameters: list[Any] = []
+    if kind is not None:
+        where.append(f"kind = {placeholder}")
+        parameters.append(kind)
+    if avatar_id is not None:
+        where.append(f"avatar_id = {placeholder}")
+        parameters.append(avatar_id)
+    if states is not None:
+        wanted = [JobState(state).value for state in states]
+        where.append(f"state IN ({', '.join([placeholder] * len(wanted))})" if wanted else "FALSE")
+        parameters.extend(wanted)
+    order = "ASC" if oldest_first else "DESC"
+    sql = select + (" WHERE " + " AND ".join(where) if where else "") + f" ORDER BY created_at {order}, {tiebreak} {order}"
+    if limit is not None:
+        sql += f" LIMIT {placeholder}"
+        parameters.append(limit)
+    return sql, parameters
