@@ -89,7 +89,7 @@ def render(
 
     from avatalk.avatars.default_face import ensure_default_avatar
     from avatalk.avatars.offline import RenderError, load_audio, render_video, synthesize_script
-    from avatalk.avatars.prepare import avatars_root
+    from avatalk.avatars.prepare_settings import avatars_root
     from avatalk.avatars.renderers import create_renderer
     from avatalk.avatars.store import AvatarNotFound, AvatarStore, InvalidAvatarId
     from avatalk.executors import Executors

@@ -345,7 +345,7 @@ def check_gpu(settings: Settings) -> Passed:
 
 def check_default_avatar(settings: Settings) -> Passed:
     """The default avatar reads, or is the generated one the server draws at its first start."""
-    from avatalk.avatars.prepare import avatars_root
+    from avatalk.avatars.prepare_settings import avatars_root
     from avatalk.avatars.store import MANIFEST_NAME, AvatarStore, InvalidAvatarId, validate_avatar_id
 
     avatar_id = settings.avatars.default_avatar

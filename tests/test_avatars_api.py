@@ -19,6 +19,7 @@ from avatalk.avatars.default_face import ensure_default_avatar
 from avatalk.jobs import RESTART_MESSAGE, JobState, SQLiteJobStore
 from avatalk.config import AvatarSettings, Settings
 from avatalk.server.avatars_api import router, setup_avatars, shutdown_avatars
+from avatalk.server.jobs_api import router as jobs_router
 from avatalk.server.services import Services
 
 FINISHED = {"succeeded", "failed", "cancelled"}
@@ -86,6 +87,7 @@ async def serve(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     app = FastAPI(lifespan=lifespan)
     app.state.services = Services.create(settings)
     app.include_router(router)
+    app.include_router(jobs_router)
     transport = httpx.ASGITransport(app=app)
     async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         yield client

@@ -13,7 +13,6 @@ from avatalk.avatars.landmarks import FaceLandmarker
 from avatalk.avatars.prepare import (
     AvatarPreparationCancelled,
     AvatarPreparationError,
-    _Retimer,
     blend_mask,
     crop_boxes,
     fill_missing,
@@ -22,6 +21,7 @@ from avatalk.avatars.prepare import (
     prepare_avatar,
     smooth_tracks,
 )
+from avatalk.avatars.prepare_input import Retimer as _Retimer
 from avatalk.avatars.store import AvatarManifest, AvatarStore, InvalidAvatarId
 
 SIZE = (320, 240)

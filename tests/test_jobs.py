@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from cluster_parts import PostgresServer
 
-from avatalk.avatars.prepare import avatar_progress
+from avatalk.avatars.prepare_settings import avatar_progress
 from avatalk.jobs import (
     ACTIVE_STATES,
     CANCELLED_MESSAGE,

@@ -18,7 +18,8 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from avatalk.avatars.prepare import AvatarPreparationError, avatar_progress, avatars_root, prepare_with_settings
+from avatalk.avatars.prepare_errors import AvatarPreparationError
+from avatalk.avatars.prepare_settings import avatar_progress, avatars_root, prepare_with_settings
 from avatalk.avatars.store import AvatarNotFound, AvatarStore, InvalidAvatarId, validate_avatar_id
 from avatalk.config import Settings
 from avatalk.media.sniff import sniff_file

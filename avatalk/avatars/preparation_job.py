@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from avatalk.avatars.prepare import AvatarPreparationError, avatar_progress, prepare_with_settings
+from avatalk.avatars.prepare_errors import AvatarPreparationError
+from avatalk.avatars.prepare_settings import avatar_progress, prepare_with_settings
 from avatalk.avatars.store import InvalidAvatarId
 from avatalk.config import Settings
 from avatalk.jobs import JobContext, JobFailed, JobOutcome

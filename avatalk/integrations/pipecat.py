@@ -34,13 +34,19 @@ import json
 import logging
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from avatalk.integrations.avatalk_render_client import (
+    DEFAULT_URL,
+    AvatalkError,
+    Utterance,
+    open_render_session,
+    send_event,
+)
 from avatalk.media.audio import StreamResampler, float_to_pcm16, pcm16_to_float
 from avatalk.media.images import decode_jpeg
 from avatalk.media.timebase import SUPPORTED_SAMPLE_RATES
@@ -66,7 +72,6 @@ except ModuleNotFoundError as error:  # pragma: no cover - depends on the instal
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_URL = "ws://127.0.0.1:8000/v1/ws"
 SEND_PIECE_S = 0.1  # TTS audio goes out in pieces of at most this much (well under any frame limit)
 # An utterance's first audio goes out once this much of it is there (or at its end): the server
 # plays what it has at each tick, so a first frame shorter than a tick would leave the rest of
@@ -76,23 +81,6 @@ PREROLL_S = 0.12
 # tick counts 40 ms, padding included, so the count never falls short of what was played.
 RELEASE_TOLERANCE_S = 0.005
 RECONNECT_DELAYS_S = (0.5, 1.0, 2.0, 5.0, 10.0)
-
-
-class AvatalkError(Exception):
-    """The avatalk server refused the render session (a configuration mistake: retrying cannot help)."""
-
-
-@dataclass(eq=False)
-class _Utterance:
-    """One TTS reply as sent: from its first audio to its commit (``end_s``, seconds sent since the last clear).
-
-    ``utterance_id`` is the server's: it numbers a session's utterances from 1
-    in the order their first audio arrives, clears or not, so both sides count alike.
-    """
-
-    utterance_id: int
-    context_id: str | None
-    end_s: float | None = None
 
 
 class AvatalkVideoService(FrameProcessor):
@@ -213,8 +201,8 @@ class AvatalkVideoService(FrameProcessor):
 
     def _reset_stream_state(self) -> None:
         """Forget what was sent and played (a clear, a new connection): every count starts at zero."""
-        self._open: _Utterance | None = None
-        self._utterances: deque[_Utterance] = deque()  # sent and not yet over, oldest first
+        self._open: Utterance | None = None
+        self._utterances: deque[Utterance] = deque()  # sent and not yet over, oldest first
         self._sent_s = 0.0
         self._played_s = 0.0
         self._preroll: list[np.ndarray] | None = None  # the open utterance's first audio, not sent yet
@@ -233,7 +221,7 @@ class AvatalkVideoService(FrameProcessor):
                 self._resampler = StreamResampler(frame.sample_rate, self._input_rate)
             samples = self._resampler.process(samples)
         if self._open is None:
-            self._open = _Utterance(self._next_utterance_id, frame.context_id)
+            self._open = Utterance(self._next_utterance_id, frame.context_id)
             self._next_utterance_id += 1
             self._utterances.append(self._open)
             self._preroll = []
@@ -287,7 +275,7 @@ class AvatalkVideoService(FrameProcessor):
         self._preroll = None
         utterance.end_s = self._sent_s
         self._resampler = None
-        await self._send_event({"type": "output_audio_buffer.commit"})
+        await send_event(self._ws, {"type": "output_audio_buffer.commit"})
 
     async def _hold_or_push(self, frame: Frame) -> None:
         """Push now, unless audio sent before it has not come back yet: then it waits for that audio."""
@@ -309,7 +297,7 @@ class AvatalkVideoService(FrameProcessor):
         self._reset_stream_state()
         if outstanding and self._ws is not None:
             self._clearing = True
-            await self._send_event({"type": "output_audio_buffer.clear"})
+            await send_event(self._ws, {"type": "output_audio_buffer.clear"})
         for frame in held:  # what Pipecat itself would never drop on an interruption
             await self.push_frame(frame)
 
@@ -328,59 +316,25 @@ class AvatalkVideoService(FrameProcessor):
             await self.push_frame(self._held.popleft()[1])
         await self._disconnect()
 
-    async def _send_event(self, event: dict[str, Any]) -> None:
-        ws = self._ws
-        if ws is None:
-            return
-        try:
-            await ws.send(json.dumps(event))
-        except websockets.ConnectionClosed:
-            pass  # the reader notices and reconnects
-
     # ---- the connection ------------------------------------------------------------------------
 
     async def _connect(self) -> None:
         """Open a render session; raises ``AvatalkError`` when the server refuses its configuration."""
-        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else None
-        ws = await websockets.connect(self._url, additional_headers=headers, max_size=8 * 1024 * 1024, open_timeout=15)
-        try:
-            created = await self._next_event(ws)
-            if created.get("type") != "session.created":
-                raise ConnectionError(f"avatalk did not open a session: {created.get('message', created)}")
-            session: dict[str, Any] = {
-                "mode": "render",
-                "input_sample_rate": self._input_rate,
-                "output_sample_rate": self._output_rate,
-                "video": True,
-            }
-            if self._avatar is not None:
-                session["avatar"] = self._avatar
-            if self._video_size is not None:
-                session["video_size"] = self._video_size
-            await ws.send(json.dumps({"type": "session.update", "session": session}))
-            answer = await self._next_event(ws)
-            if answer.get("type") == "error":
-                raise AvatalkError(f"avatalk refused the render session: {answer['code']}: {answer['message']}")
-            if answer.get("type") != "session.updated":
-                raise ConnectionError(f"unexpected answer to session.update: {answer.get('type')}")
-        except BaseException:
-            await ws.close()
-            raise
-        self._session_id = created["session"]["id"]
+        session: dict[str, Any] = {
+            "mode": "render",
+            "input_sample_rate": self._input_rate,
+            "output_sample_rate": self._output_rate,
+            "video": True,
+        }
+        if self._avatar is not None:
+            session["avatar"] = self._avatar
+        if self._video_size is not None:
+            session["video_size"] = self._video_size
+        ws, self._session_id = await open_render_session(self._url, self._api_key, session)
         self._next_utterance_id = 1
         self._reset_stream_state()
         self._ws = ws
         logger.info("avatalk render session %s open (%s)", self._session_id, self._url)
-
-    @staticmethod
-    async def _next_event(ws: ClientConnection) -> dict[str, Any]:
-        """The next JSON event (before configuration the server sends no binary frames)."""
-        async with asyncio.timeout(15):
-            while True:
-                message = await ws.recv()
-                if isinstance(message, str):
-                    event: dict[str, Any] = json.loads(message)
-                    return event
 
     async def _report_connect_error(self) -> None:
         error, self._connect_error = self._connect_error, None

@@ -3,7 +3,7 @@
 ``LLM_BACKENDS`` maps each ``settings.llm.backend`` name to its class. A new
 provider is one module with an ``LLM`` subclass (``<Provider>LLM``, built by
 its ``from_settings``), one line here, and its settings section in
-``avatalk/config.py``. Backend classes import their heavy libraries
+``avatalk/config/conversation.py``. Backend classes import their heavy libraries
 (llama.cpp, torch) only when a model is loaded, so importing this package is
 cheap.
 """

@@ -29,6 +29,7 @@ from avatalk.observability import setup_metrics
 from avatalk.server.auth import AuthMiddleware, RateLimiter, check_exposure
 from avatalk.server.avatars_api import router as avatars_router
 from avatalk.server.avatars_api import setup_avatars, shutdown_avatars
+from avatalk.server.jobs_api import router as jobs_router
 from avatalk.server.node import AgentServer, GracefulServer, drain, readiness
 from avatalk.server.renders_api import router as renders_router
 from avatalk.server.services import Services
@@ -108,6 +109,7 @@ def create_app(settings: Settings, models: EngineModels | None = None) -> FastAP
 
     app.include_router(websocket_router)
     app.include_router(avatars_router)
+    app.include_router(jobs_router)
     app.include_router(renders_router)
     app.include_router(webrtc_router)
     app.include_router(tokens_router)

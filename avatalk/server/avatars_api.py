@@ -1,4 +1,4 @@
-"""REST API for avatars: create (upload or server-side file), list, get, delete, job status.
+"""REST API for avatars: create (upload or server-side file), list, get, delete.
 
 Creating an avatar takes a while, so ``POST /v1/avatars`` answers 202 with a
 job to poll at ``/v1/jobs/{id}`` (DESIGN.md section 4). Uploads are streamed
@@ -24,12 +24,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, HTTPException, Query, Request, Response, status
+from fastapi import APIRouter, FastAPI, HTTPException, Request, Response, status
 from pydantic import BaseModel, Field
 
 from avatalk.avatars.default_face import ensure_default_avatar
 from avatalk.avatars.preparation_job import AVATAR_JOB, AvatarJobHandler
-from avatalk.avatars.prepare import avatars_root
+from avatalk.avatars.prepare_settings import avatars_root
 from avatalk.avatars.render_job import RENDER_JOB, RenderJobHandler
 from avatalk.avatars.store import (
     MAX_DISPLAY_NAME,
@@ -41,7 +41,8 @@ from avatalk.avatars.store import (
     validate_avatar_id,
 )
 from avatalk.config import Settings
-from avatalk.jobs import Job, JobConflict, JobNotFound, JobRunner, JobState, QueueFull, open_job_store
+from avatalk.jobs import JobConflict, JobRunner, QueueFull, open_job_store
+from avatalk.server.jobs_api import JobOut, error_responses
 from avatalk.media.sniff import MediaType, sniff_file, sniff_media
 from avatalk.server.services import services
 from avatalk.server.uploads import receive_form, remove_orphan_uploads, unprocessable, upload_folder
@@ -55,46 +56,6 @@ _RETRY_AFTER_S = "30"
 
 
 # --- Response and request models --------------------------------------------------
-
-
-class ErrorOut(BaseModel):
-    detail: str = Field(description="what went wrong, for the user")
-
-
-class JobOut(BaseModel):
-    """A background job as clients see it (its server-side parameters stay private)."""
-
-    id: str
-    kind: str = Field(description='"avatar" for avatar preparation, "render" for an offline render')
-    state: JobState
-    stage: str | None = Field(description='current step, e.g. "analysing", "writing", "finishing", "done"')
-    progress: float = Field(ge=0.0, le=1.0, description="overall progress, 0..1")
-    message: str | None = Field(description="outcome or reason of failure, for the user")
-    avatar_id: str | None
-    result: dict[str, Any] | None = Field(description="what a succeeded job produced")
-    created_at: datetime
-    updated_at: datetime
-    finished_at: datetime | None
-
-    @classmethod
-    def of(cls, job: Job) -> JobOut:
-        return cls(
-            id=job.id,
-            kind=job.kind,
-            state=job.state,
-            stage=job.stage,
-            progress=job.progress,
-            message=job.message,
-            avatar_id=job.avatar_id,
-            result=job.result,
-            created_at=job.created_at,
-            updated_at=job.updated_at,
-            finished_at=job.finished_at,
-        )
-
-
-class JobList(BaseModel):
-    jobs: list[JobOut] = Field(description="newest first")
 
 
 class AvatarJobAccepted(BaseModel):
@@ -141,25 +102,6 @@ class FromPathRequest(BaseModel):
     path: str = Field(description="file under the server's import folder (relative to it, or absolute)")
     id: str = Field(description="new avatar id: 1-64 of a-z, 0-9, '-', '_', starting with a letter or digit")
     display_name: str | None = Field(None, description="shown to users; defaults to the id")
-
-
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorOut, "description": description}
-    for code, description in {
-        400: "the multipart form is malformed or cut off",
-        403: "the path is outside the import folder, or importing is disabled",
-        404: "not found",
-        409: "the id is taken or the avatar is being prepared",
-        413: "the upload is larger than avatars.max_upload_bytes",
-        415: "not a supported video or photo",
-        422: "invalid id, display name or form",
-        503: "too many jobs are queued; retry later",
-    }.items()
-}
-
-
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: _ERRORS[code] for code in codes}
 
 
 # The upload body is parsed by hand (streamed), so FastAPI cannot derive its schema.
@@ -332,7 +274,7 @@ def _check_uploaded_media(head: bytes, declared: str | None) -> None:
     "/v1/avatars",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=AvatarJobAccepted,
-    responses=_errors(400, 409, 413, 415, 422, 503),
+    responses=error_responses(400, 409, 413, 415, 422, 503),
     openapi_extra=_UPLOAD_BODY,
     summary="Create an avatar from an uploaded video or photo",
 )
@@ -370,7 +312,7 @@ async def create_avatar(request: Request, response: Response) -> AvatarJobAccept
     "/v1/avatars/from-path",
     status_code=status.HTTP_202_ACCEPTED,
     response_model=AvatarJobAccepted,
-    responses=_errors(403, 404, 409, 415, 422, 503),
+    responses=error_responses(403, 404, 409, 415, 422, 503),
     summary="Create an avatar from a file in the server's import folder",
 )
 async def create_avatar_from_path(body: FromPathRequest, request: Request, response: Response) -> AvatarJobAccepted:
@@ -421,7 +363,7 @@ async def list_avatars(request: Request) -> AvatarList:
 
 
 @router.get(
-    "/v1/avatars/{avatar_id}", response_model=AvatarDetail, responses=_errors(404, 422), summary="Get one avatar"
+    "/v1/avatars/{avatar_id}", response_model=AvatarDetail, responses=error_responses(404, 422), summary="Get one avatar"
 )
 async def get_avatar(avatar_id: str, request: Request) -> AvatarDetail:
     avatar_id = _valid_id(avatar_id)
@@ -454,7 +396,7 @@ async def get_avatar(avatar_id: str, request: Request) -> AvatarDetail:
     "/v1/avatars/{avatar_id}",
     status_code=status.HTTP_204_NO_CONTENT,
     response_class=Response,
-    responses=_errors(404, 409, 422),
+    responses=error_responses(404, 409, 422),
     summary="Delete an avatar (cancelling its preparation if one is under way)",
 )
 async def delete_avatar(avatar_id: str, request: Request) -> Response:
@@ -476,37 +418,3 @@ async def delete_avatar(avatar_id: str, request: Request) -> Response:
         if active is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no avatar {avatar_id!r}") from None
     return Response(status_code=status.HTTP_204_NO_CONTENT)
-
-
-@router.get("/v1/jobs", response_model=JobList, summary="Recent jobs")
-async def list_jobs(
-    request: Request,
-    limit: int = Query(50, ge=1, le=500, description="at most this many, newest first"),
-    avatar_id: str | None = Query(None, description="only the jobs of this avatar"),
-) -> JobList:
-    jobs = await asyncio.to_thread(_jobs(request).store.list, limit=limit, avatar_id=avatar_id)
-    return JobList(jobs=[JobOut.of(job) for job in jobs])
-
-
-@router.get("/v1/jobs/{job_id}", response_model=JobOut, responses=_errors(404), summary="Get a job's status")
-async def get_job(job_id: str, request: Request) -> JobOut:
-    try:
-        return JobOut.of(await asyncio.to_thread(_jobs(request).store.get, job_id))
-    except JobNotFound as error:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
-
-
-@router.post("/v1/jobs/{job_id}/cancel", response_model=JobOut, responses=_errors(404, 409), summary="Cancel a job")
-async def cancel_job(job_id: str, request: Request) -> JobOut:
-    """Cancel a queued or running job and return it once it has stopped. Cancelling a
-    cancelled job is harmless; a job that already succeeded or failed gives 409."""
-    runner = _jobs(request)
-    try:
-        job = await asyncio.to_thread(runner.store.get, job_id)
-        if job.active:
-            job = await runner.cancel(job_id)
-    except JobNotFound as error:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
-    if job.state in (JobState.SUCCEEDED, JobState.FAILED):
-        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id} already ended: {job.state}")
-    return JobOut.of(job)

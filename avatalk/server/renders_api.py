@@ -21,7 +21,7 @@ from avatalk.avatars.render_job import RENDER_JOB, render_path
 from avatalk.avatars.store import AvatarNotFound, InvalidAvatarId, validate_avatar_id
 from avatalk.jobs import JobNotFound, JobState, QueueFull
 from avatalk.media.audio import write_wav
-from avatalk.server.avatars_api import JobOut
+from avatalk.server.jobs_api import JobOut
 from avatalk.server.services import services
 from avatalk.server.uploads import receive_form, unprocessable, upload_folder
 

@@ -267,7 +267,7 @@ class ViewerCall(Call):
         self.viewer_id = viewer_id
 
     async def _release_session(self) -> None:
-        self.session.remove_viewer(self.output)
+        self.session.viewers.remove(self.output)
 
 
 async def close_all_calls(calls: dict[str, Call]) -> None:

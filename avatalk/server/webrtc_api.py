@@ -236,9 +236,9 @@ async def watch_render_session(session_id: str, body: ViewerOfferIn, request: Re
     svc = services(request)
     settings = svc.settings
     session = viewable_render_session(request, session_id)
-    if session.viewer_count >= settings.webrtc.max_viewers:
+    if len(session.viewers) >= settings.webrtc.max_viewers:
         raise HTTPException(
-            409, f"render session {session_id!r} already has {session.viewer_count} viewers (webrtc.max_viewers)"
+            409, f"render session {session_id!r} already has {len(session.viewers)} viewers (webrtc.max_viewers)"
         )
     if "m=audio" not in body.sdp or "m=video" not in body.sdp:
         raise HTTPException(400, "the offer must contain an audio and a video media section (receive-only is enough)")
@@ -278,7 +278,7 @@ async def watch_render_session(session_id: str, body: ViewerOfferIn, request: Re
 
     await _answer(pc, body.sdp, output, hang_up)
     try:
-        session.add_viewer(output, lambda: hang_up("render session ended"))
+        session.viewers.add(output, lambda: hang_up("render session ended"))
     except RuntimeError as error:  # the session closed while the offer was answered
         await hang_up("render session ended")
         raise HTTPException(404, f"render session {session_id!r} has ended") from error
@@ -290,7 +290,7 @@ async def watch_render_session(session_id: str, body: ViewerOfferIn, request: Re
             await hang_up("not connected in time")
 
     viewer.spawn(connect_deadline())
-    logger.info("session %s viewer %s answered (%d watching)", session_id, viewer_id, session.viewer_count)
+    logger.info("session %s viewer %s answered (%d watching)", session_id, viewer_id, len(session.viewers))
     return ViewerAnswerOut(sdp=pc.localDescription.sdp, type="answer", session_id=session_id, viewer_id=viewer_id)
 
 

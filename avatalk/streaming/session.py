@@ -75,6 +75,7 @@ from avatalk.streaming.responder import ReplyRequest, Responder
 from avatalk.streaming.stage import ConversationState, TaskSet
 from avatalk.streaming.turns import TurnDetector
 from avatalk.streaming.video import VideoStage
+from avatalk.streaming.viewers import Viewers
 
 logger = logging.getLogger(__name__)
 
@@ -133,9 +134,7 @@ class ConversationSession:
         self._started_at = time.monotonic()
         self._last_activity = self._started_at
         self.on_end: Callable[[], Awaitable[None]] | None = None  # the transport hangs up
-        # Render sessions: other outputs that get every tick too (WebRTC viewers), each with its hang-up.
-        self._viewers: dict[SessionOutput, Callable[[], Awaitable[None]]] = {}
-        self._closed = False
+        self.viewers = Viewers(session_id, self._tasks.spawn)  # render sessions: WebRTC viewers of the ticks
 
     # ---- what the transports call --------------------------------------------------------------
 
@@ -276,34 +275,9 @@ class ConversationSession:
         while self._busy() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
 
-    @property
-    def viewer_count(self) -> int:
-        return len(self._viewers)
-
-    def add_viewer(self, viewer: SessionOutput, hang_up: Callable[[], Awaitable[None]]) -> None:
-        """Send every tick to ``viewer`` too, until it is removed or the session closes (then ``hang_up``).
-
-        A render session's agent gets its ticks over the WebSocket while a
-        person watches the same ticks elsewhere (WebRTC); events stay with the
-        session's own output. Raises ``RuntimeError`` once the session is closed.
-        """
-        if self._closed:
-            raise RuntimeError(f"session {self.id} is closed")
-        self._viewers[viewer] = hang_up
-
-    def remove_viewer(self, viewer: SessionOutput) -> None:
-        """Stop sending ticks to ``viewer`` (a no-op when it is not one)."""
-        self._viewers.pop(viewer, None)
-
     async def close(self) -> None:
         """Cancel every stage and hang up the viewers; nothing of this session runs afterwards."""
-        self._closed = True
-        viewers, self._viewers = list(self._viewers.values()), {}
-        for hang_up in viewers:
-            try:
-                await hang_up()
-            except Exception:  # one viewer failing to hang up must not keep the session open
-                logger.exception("session %s: a viewer did not hang up cleanly", self.id)
+        await self.viewers.close()
         await self._tasks.close()
         for stage in (self.responder, self.listener, self.video):
             if stage is not None:
@@ -495,14 +469,7 @@ class ConversationSession:
                     Latency(turn_id=reply.turn_id, marks_ms=marks, preemptive=reply.preemptive or None)
                 )
         await self.output.send_tick(tick.index, tick.audio, tick.frame)
-        for viewer in tuple(self._viewers):
-            try:
-                await viewer.send_tick(tick.index, tick.audio, tick.frame)
-            except Exception:  # a broken viewer loses its picture; the session's own clock goes on
-                logger.exception("session %s: a viewer failed on tick %d and was hung up", self.id, tick.index)
-                hang_up = self._viewers.pop(viewer, None)
-                if hang_up is not None:
-                    self._tasks.spawn(hang_up(), "viewer hang-up")
+        await self.viewers.send_tick(tick)
         if self.render_feed is not None:
             await self.render_feed.on_tick(tick)
 

@@ -3,7 +3,7 @@
 ``TTS_BACKENDS`` maps each ``settings.tts.backend`` name to its class. A new
 provider is one module with a ``TTS`` subclass (``<Provider>TTS``, built by
 its ``from_settings``), one line here, and its settings section in
-``avatalk/config.py``. Backends import their heavy library (piper,
+``avatalk/config/conversation.py``. Backends import their heavy library (piper,
 onnxruntime) only when a voice is loaded, so importing this package is cheap.
 """
 

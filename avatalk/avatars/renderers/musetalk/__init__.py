@@ -16,8 +16,9 @@ from avatalk.avatars.renderers.musetalk.features import WhisperFeatureEncoder, p
 from avatalk.avatars.renderers.musetalk.generator import FrameGenerator
 from avatalk.avatars.renderers.musetalk.latents import ensure_latents, load_latents
 from avatalk.avatars.renderers.musetalk.loader import MuseTalkModels, MuseTalkWeightsError, load_musetalk
-from avatalk.avatars.renderers.musetalk.renderer import MuseTalkRenderer, MuseTalkSession, RenderStats
+from avatalk.avatars.renderers.musetalk.renderer import MuseTalkRenderer
 from avatalk.avatars.renderers.musetalk.scheduler import RenderScheduler, SchedulerStats
+from avatalk.avatars.renderers.musetalk.session import MuseTalkSession, RenderStats
 from avatalk.config import MuseTalkSettings
 
 __all__ = [

@@ -206,7 +206,7 @@ def add_latents(settings: Settings, avatar_ids: Sequence[str], force: bool = Fal
     """
     # Imported here: preparation pulls in the video decoder and the face models, which the renderer
     # itself never needs (a GPU machine serving MuseTalk need not have them).
-    from avatalk.avatars.prepare import avatars_root
+    from avatalk.avatars.prepare_settings import avatars_root
 
     musetalk = settings.musetalk
     device = resolve_device(musetalk.device)
