@@ -48,16 +48,21 @@ async def speak(listener: Listener, audio: np.ndarray, rate: int = 16000, chunk_
         await listener.push(pcm16(audio[start : start + step]))
 
 
-async def test_a_spoken_turn_gives_started_barge_in_partial_ended_and_the_transcript() -> None:
-    asr = FakeASR("What is two plus two?")
-    listener = make_listener(asr)
+async def hear(listener: Listener, audio: np.ndarray, settle_s: float = 0.3) -> list:
+    """Run the listener on ``audio`` (16 kHz) and return every message it emits."""
     runner = asyncio.create_task(listener.run())
     try:
-        await speak(listener, np.concatenate([silence(0.3), tone(1.2), silence(1.0)]))
-        messages = await drain(listener.messages)
+        await speak(listener, audio)
+        return await drain(listener.messages, settle_s=settle_s)
     finally:
         runner.cancel()
         await listener.close()
+
+
+async def test_a_spoken_turn_gives_started_barge_in_partial_ended_and_the_transcript() -> None:
+    asr = FakeASR("What is two plus two?")
+    listener = make_listener(asr)
+    messages = await hear(listener, np.concatenate([silence(0.3), tone(1.2), silence(1.0)]))
     kinds = [type(message) for message in messages]
     assert kinds[0] is SpeechBegan and kinds[-1] is UserTurn
     assert kinds.count(BargeInSpeech) == 1 and kinds.count(SpeechEnded) == 1
@@ -75,14 +80,8 @@ async def test_the_end_silence_is_shorter_after_a_finished_sentence() -> None:
     ended_after = {}
     for text in ("What is two plus two?", "I would like to know about"):
         listener = make_listener(FakeASR(text), turns)
-        runner = asyncio.create_task(listener.run())
-        try:
-            # 0.6 s of silence: more than the sentence-end silence, less than the normal one.
-            await speak(listener, np.concatenate([tone(1.0), silence(0.6)]))
-            messages = await drain(listener.messages, settle_s=0.5)
-        finally:
-            runner.cancel()
-            await listener.close()
+        # 0.6 s of silence: more than the sentence-end silence, less than the normal one.
+        messages = await hear(listener, np.concatenate([tone(1.0), silence(0.6)]), settle_s=0.5)
         ended_after[text] = any(isinstance(message, SpeechEnded) for message in messages)
     assert ended_after == {"What is two plus two?": True, "I would like to know about": False}
 
@@ -90,13 +89,7 @@ async def test_the_end_silence_is_shorter_after_a_finished_sentence() -> None:
 async def test_a_blip_is_ignored_and_never_transcribed_as_a_turn() -> None:
     asr = FakeASR()
     listener = make_listener(asr)
-    runner = asyncio.create_task(listener.run())
-    try:
-        await speak(listener, np.concatenate([tone(0.1), silence(1.0)]))
-        messages = await drain(listener.messages)
-    finally:
-        runner.cancel()
-        await listener.close()
+    messages = await hear(listener, np.concatenate([tone(0.1), silence(1.0)]))
     kinds = [type(message) for message in messages]
     assert kinds[0] is SpeechBegan and kinds[-1] is SpeechIgnoredBlip  # a PauseHeard may come between
     assert UserTurn not in kinds and SpeechEnded not in kinds
@@ -123,13 +116,7 @@ async def test_a_recogniser_failure_becomes_a_turn_with_an_error() -> None:
             raise RuntimeError("decoder exploded")
 
     listener = make_listener(BrokenASR())
-    runner = asyncio.create_task(listener.run())
-    try:
-        await speak(listener, np.concatenate([tone(0.8), silence(1.0)]))
-        messages = await drain(listener.messages)
-    finally:
-        runner.cancel()
-        await listener.close()
+    messages = await hear(listener, np.concatenate([tone(0.8), silence(1.0)]))
     turn = messages[-1]
     assert isinstance(turn, UserTurn) and turn.transcript == "" and "decoder exploded" in (turn.error or "")
 
@@ -140,14 +127,8 @@ async def test_the_end_of_turn_model_ends_a_complete_turn_early_and_lets_an_inco
     for complete_after_s in (0.0, 60.0):  # every utterance complete / none ever complete
         model = FakeEndOfTurn(complete_after_s)
         listener = make_listener(FakeASR("I would like to know about"), turns, end_of_turn=model)
-        runner = asyncio.create_task(listener.run())
-        try:
-            # 0.6 s of silence: past the model's short silence and the 500 ms rule, short of 1.5 s.
-            await speak(listener, np.concatenate([tone(1.0), silence(0.6)]))
-            messages = await drain(listener.messages, settle_s=0.5)
-        finally:
-            runner.cancel()
-            await listener.close()
+        # 0.6 s of silence: past the model's short silence and the 500 ms rule, short of 1.5 s.
+        messages = await hear(listener, np.concatenate([tone(1.0), silence(0.6)]), settle_s=0.5)
         assert model.calls == 1  # asked once for the one pause
         ended[complete_after_s] = any(isinstance(message, SpeechEnded) for message in messages)
         if complete_after_s:  # while the turn stays open, the pause's transcript is reported (for a reply)

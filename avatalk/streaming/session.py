@@ -226,10 +226,6 @@ class ConversationSession:
 
         Microphone audio in a conversation; the reply audio to lip-sync in a render session.
         """
-        if len(data) % 2 == 0 and self.render_feed is not None:
-            self._last_activity = time.monotonic()
-            await self.render_feed.push(data)
-            return
         if self.listener is None and self.render_feed is None:
             raise ProtocolError(
                 "audio_before_configuration",
@@ -237,8 +233,11 @@ class ConversationSession:
             )
         if len(data) % 2:
             raise ProtocolError("invalid_audio", "audio frames must be PCM16 (an even number of bytes)")
-        assert self.listener is not None
-        await self.listener.push(data)
+        if self.render_feed is not None:
+            self._last_activity = time.monotonic()
+            await self.render_feed.push(data)
+        elif self.listener is not None:
+            await self.listener.push(data)
 
     async def send_text(self, text: str) -> None:
         """The user typed instead of speaking."""
