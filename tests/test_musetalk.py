@@ -326,7 +326,7 @@ def test_a_late_frame_is_the_idle_frame_and_the_session_reports_it(
     monkeypatch.setattr(slow.generator, "generate", stalled)
     session = slow.open(avatar, SIZE)
     audio = voice(6, ticks=4)
-    caplog.set_level(logging.WARNING, logger="avatalk.avatars.renderers.musetalk.renderer")
+    caplog.set_level(logging.WARNING, logger="avatalk.avatars.renderers.musetalk.session")
     try:
         for tick in range(4):
             frame = session.render(tick, tick_audio(audio, tick))  # returns while the GPU is still stalled
