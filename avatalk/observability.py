@@ -51,7 +51,7 @@ from avatalk.streaming.events import (
 
 if TYPE_CHECKING:
     from avatalk.jobs import JobRunner
-    from avatalk.streaming.session import SessionOutput
+    from avatalk.streaming.stage import SessionOutput
 
 #: Seconds; dense where the targets are (0.6 to 1 s to the first frame), up to 5 s for a struggling CPU.
 LATENCY_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0)

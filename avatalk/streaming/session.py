@@ -18,9 +18,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Literal, Protocol
-
-import numpy as np
+from typing import Literal
 
 from avatalk.avatars.store import AvatarNotFound, AvatarStore, InvalidAvatarId
 from avatalk.config import Settings
@@ -34,7 +32,6 @@ from avatalk.streaming.events import (
     InterruptReason,
     Latency,
     ResponseDone,
-    ServerEvent,
     SessionDescription,
     SessionUpdated,
     SpeechIgnored,
@@ -72,7 +69,7 @@ from avatalk.streaming.protocol import (
 )
 from avatalk.streaming.render_feed import RenderFeed
 from avatalk.streaming.responder import ReplyRequest, Responder
-from avatalk.streaming.stage import ConversationState, TaskSet
+from avatalk.streaming.stage import ConversationState, SessionOutput, TaskSet
 from avatalk.streaming.turns import TurnDetector
 from avatalk.streaming.video import VideoStage
 from avatalk.streaming.viewers import Viewers
@@ -80,16 +77,6 @@ from avatalk.streaming.viewers import Viewers
 logger = logging.getLogger(__name__)
 
 DEFAULT_OUTPUT_SAMPLE_RATE = 24000
-
-
-class SessionOutput(Protocol):
-    """Where a session's events, audio and video go (WebSocket, WebRTC)."""
-
-    async def send_event(self, event: ServerEvent) -> None: ...
-
-    async def send_tick(self, tick: int, audio: np.ndarray | None, frame: np.ndarray | None) -> None:
-        """One 40 ms tick: its reply audio (None when silent) and its frame (None without video)."""
-        ...
 
 
 class ConversationSession:

@@ -1,5 +1,6 @@
 """Plumbing every stage of a conversation shares: how events leave, the UI state, task lifetimes.
 
+``SessionOutput`` is where a session's events and ticks go (a transport).
 A stage emits typed events (``streaming.events``) through an ``Emit``
 callable that the session provides; the session hands them to the transport,
 which serialises each once. Stage tasks are owned by a ``TaskSet``: cancelled
@@ -12,6 +13,9 @@ import asyncio
 import contextvars
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
+from typing import Protocol
+
+import numpy as np
 
 from avatalk.streaming.events import ServerEvent, State, StateChanged
 
@@ -19,6 +23,16 @@ logger = logging.getLogger(__name__)
 
 Emit = Callable[[ServerEvent], Awaitable[None]]
 """Sends one event to the client (through metrics, in order with every other event of the session)."""
+
+
+class SessionOutput(Protocol):
+    """Where a session's events, audio and video go (WebSocket, WebRTC)."""
+
+    async def send_event(self, event: ServerEvent) -> None: ...
+
+    async def send_tick(self, tick: int, audio: np.ndarray | None, frame: np.ndarray | None) -> None:
+        """One 40 ms tick: its reply audio (None when silent) and its frame (None without video)."""
+        ...
 
 
 class ConversationState:

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING
 
 from avatalk.streaming.clock import Tick
-
-if TYPE_CHECKING:
-    from avatalk.streaming.session import SessionOutput
+from avatalk.streaming.stage import SessionOutput
 
 logger = logging.getLogger(__name__)
 
