@@ -37,6 +37,7 @@ from prometheus_client.registry import Collector
 from avatalk.avatars.renderers.base import FallbackReason
 from avatalk.jobs import ACTIVE_STATES
 from avatalk.media.timebase import TICK_S
+from avatalk.streaming.clock import PHASE_RELAX_S
 from avatalk.streaming.events import (
     LATENCY_MARKS,
     ErrorEvent,
@@ -226,6 +227,9 @@ class ObservedOutput:
     Frame lateness is measured against the session's own timeline: tick k is
     due ``k * TICK_S`` after the clock started, and the clock never sends a
     tick early, so the earliest ``sent_at - k * TICK_S`` seen is the start.
+    A talk spurt moves the clock's timeline earlier (seen here as a new
+    earliest start) and idle ticks move it back by at most
+    ``PHASE_RELAX_S`` each, which idle ticks let the start here follow.
     A frame is late when the send to the client finishes more than
     ``LATE_FRAME_S`` after that; when the clock re-anchors (over
     ``REANCHOR_S`` behind) the timeline here is re-anchored too.
@@ -249,6 +253,8 @@ class ObservedOutput:
         start = self._clock() - tick * TICK_S
         if self._anchor is None or start < self._anchor:
             self._anchor = start
+        if audio is None:
+            self._anchor = min(start, self._anchor + PHASE_RELAX_S)
         behind = start - self._anchor
         if behind > LATE_FRAME_S:
             self._metrics.late_frames.inc()

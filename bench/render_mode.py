@@ -66,6 +66,7 @@ async def run(url: str, utterances: int, long_s: float) -> None:
             shown = next(f.received_at for f in client.frames if f.tick == started["start_tick"])
             latencies.append((shown - sent) * 1000.0)
             await asyncio.sleep(0.3)
+        print("each (ms):", " ".join(f"{value:.0f}" for value in latencies))
         latencies.sort()
         print(f"audio in -> first paired frame out: n={len(latencies)} p50 {statistics.median(latencies):.1f} ms "
               f"p95 {latencies[int(0.95 * (len(latencies) - 1))]:.1f} ms")

@@ -4,7 +4,7 @@ import time
 import numpy as np
 import pytest
 
-from avatalk.streaming.clock import MediaClock
+from avatalk.streaming.clock import MAX_PULL_S, MediaClock, Tick
 
 
 async def test_ticks_carry_exactly_their_audio():
@@ -132,3 +132,39 @@ async def test_queued_render_audio_places_each_segment_where_next_tick_plays_it(
     await clock.enqueue(3, np.ones(960), np.ones(640))
     await clock.enqueue(3, np.ones(480), np.ones(320), continues=True)  # streamed: more of the same utterance
     assert [(start, continues) for start, _, continues in clock.queued_render_audio()] == [(3200, False), (3840, True)]
+
+
+async def test_audio_arriving_while_idle_is_taken_at_once_and_the_timeline_drifts_back():
+    """A talk spurt moves the timeline ahead (at most MAX_PULL_S); idle ticks bring it back to its start."""
+    clock = MediaClock(16000)
+    released: list[Tick] = []
+    spurts: list[asyncio.Task[object]] = []
+
+    async def sink(tick: Tick) -> None:
+        released.append(tick)
+        if tick.index in (3, 4):  # arrives while the clock waits for the next slot: after an idle tick (3)
+            # it is taken at once, after a speaking one (4) it continues the reply in its own slot.
+            spurts.append(asyncio.create_task(clock.enqueue(tick.index, np.ones(640, np.float32))))
+
+    task = asyncio.create_task(clock.run(sink))
+    phases: list[float] = []
+    try:
+        while len(released) < 7:
+            await asyncio.sleep(0.002)
+            phases.append(clock.phase_s)
+        assert min(phases) < 0  # the spurt's tick was taken before its slot
+        assert min(phases) >= -MAX_PULL_S
+        # Back on the start's timeline after idle ticks, none skipped and none repeated.
+        await asyncio.wait_for(_phase_back_to_zero(clock), 3.0)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    indices = [tick.index for tick in released]
+    assert indices == list(range(len(indices)))
+    assert [tick.index for tick in released if tick.audio is not None] == [4, 5]
+
+
+async def _phase_back_to_zero(clock: MediaClock) -> None:
+    while clock.phase_s < 0:
+        await asyncio.sleep(0.01)

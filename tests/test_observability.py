@@ -19,6 +19,7 @@ from avatalk import logs
 from avatalk.client import AvatalkClient
 from avatalk.logs import ContextFilter, JsonFormatter, configure_logging, session_id_var, task_context, turn_id_var
 from avatalk.media.timebase import TICK_S
+from avatalk.streaming.clock import MAX_PULL_S, PHASE_RELAX_S
 from avatalk.observability import Metrics, ObservedOutput, setup_metrics
 from avatalk.streaming.events import ErrorEvent, Latency, ResponseDone, ResponseInterrupted, ServerEvent
 
@@ -299,3 +300,27 @@ async def test_a_live_conversation_shows_in_metrics_and_logs(
     latency_logs = [line for line in lines(stream) if str(line["message"]).startswith("session ")]
     assert latency_logs, "the session logged nothing at INFO"
     assert all(line.get("session_id") == created["session"]["id"] for line in latency_logs)
+
+
+async def test_a_talk_spurt_moving_the_timeline_is_not_counted_late() -> None:
+    """The clock pulls a spurt's ticks up to MAX_PULL_S early, then idle ticks drift back PHASE_RELAX_S each."""
+    metrics = Metrics()
+    now = [100.0]
+    output = ObservedOutput(RecordingOutput(), metrics, clock=lambda: now[0])
+    frame, audio = np.zeros((4, 4, 3), np.uint8), np.zeros(960, np.float32)
+    phase, tick = 0.0, 0
+    for _spurt in range(3):
+        phase = -MAX_PULL_S
+        for _ in range(10):  # speaking ticks on the pulled timeline
+            now[0] = 100.0 + tick * TICK_S + phase
+            await output.send_tick(tick, audio, frame)
+            tick += 1
+        while phase < 0:  # idle ticks, each a little later, back to the start's timeline
+            phase = min(0.0, phase + PHASE_RELAX_S)
+            now[0] = 100.0 + tick * TICK_S + phase
+            await output.send_tick(tick, None, frame)
+            tick += 1
+    assert value(metrics, "avatalk_late_frames_total") == 0
+    now[0] = 100.0 + tick * TICK_S + 0.1  # a frame really 100 ms late still counts
+    await output.send_tick(tick, audio, frame)
+    assert value(metrics, "avatalk_late_frames_total") == 1

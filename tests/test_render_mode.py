@@ -84,6 +84,26 @@ async def test_clear_silences_the_next_tick_and_reports_what_was_dropped() -> No
     assert stopped.utterance_id == 2 and stopped.end_tick - stopped.start_tick == 10
 
 
+async def test_an_utterance_holds_its_start_buffer_before_it_plays() -> None:
+    """Less than ``limits.render_start_ms`` of audio waits (a real-time sender's jitter margin); then all of it plays."""
+    collector = Collector()
+    session = await render_session(collector, Settings(limits={"render_start_ms": 100}))
+    clock = session.clock
+    assert clock is not None
+    try:
+        await send(session, tone(0.09, rate=RATE), frame_ms=10)
+        await asyncio.sleep(0.15)
+        assert not clock.busy and not collector.of_type(OutputAudioStarted)
+        await send(session, tone(0.03, rate=RATE), frame_ms=10)  # 120 ms: past the start buffer
+        await collector.wait_for(OutputAudioStarted)
+        await send(session, tone(0.08, rate=RATE), frame_ms=10)
+        await session.handle_event(OutputAudioCommit(type="output_audio_buffer.commit"))
+        stopped = await collector.wait_for(OutputAudioStopped)
+    finally:
+        await session.close()
+    assert stopped.end_tick - stopped.start_tick == 5  # 200 ms, nothing lost while held
+
+
 async def test_audio_beyond_the_buffer_is_refused_with_a_clear_error_after_a_warning() -> None:
     collector = Collector()
     session = await render_session(collector, Settings(limits={"render_buffer_s": 2.0}))

@@ -10,9 +10,10 @@ from stage_fakes import Collector, FakeRendererSession
 
 from avatalk.avatars.renderers import SpeechSegment
 from avatalk.executors import Executors
+from avatalk.media.timebase import TICK_S
 from avatalk.streaming.clock import MediaClock
 from avatalk.streaming.events import WarningEvent
-from avatalk.streaming.video import VideoStage
+from avatalk.streaming.video import LEAD_MARGIN_S, LEAD_MIN_FRAMES, MIN_LEAD_S, VideoStage
 
 
 async def speaking_tick(clock: MediaClock):
@@ -78,3 +79,23 @@ async def test_look_ahead_gets_the_queued_segments_placed_on_the_timeline() -> N
     await video.prepare(clock.next_tick())
     await asyncio.sleep(0)
     assert renderer.seen == [[(0, 3200), (3200, 1000)]]  # both whole, the first one partly played
+
+
+async def test_the_clock_lead_follows_how_long_frames_take_except_for_look_ahead_renderers() -> None:
+    """Fast frames shorten the lead (never below MIN_LEAD_S); slow ones lengthen it; MuseTalk-like keeps a tick."""
+    for render_s, look_ahead in [(0.0, False), (0.02, False), (0.0, True)]:
+        clock, renderer = MediaClock(16000), FakeRendererSession(render_s)
+        renderer.uses_look_ahead = look_ahead
+        video = VideoStage(renderer, clock, Executors.create().render, Collector().send_event)
+        leads = []
+        for _ in range(LEAD_MIN_FRAMES):
+            leads.append(clock.lead_s)
+            await video.prepare(await speaking_tick(clock))
+            await asyncio.sleep(0)  # the draw's done-callback
+        assert leads == [TICK_S] * LEAD_MIN_FRAMES  # one tick until enough frames were measured
+        if look_ahead:
+            assert clock.lead_s == TICK_S
+        elif render_s:
+            assert render_s + LEAD_MARGIN_S <= clock.lead_s <= TICK_S
+        else:
+            assert MIN_LEAD_S <= clock.lead_s < TICK_S

@@ -28,6 +28,11 @@ class LimitSettings(BaseModel):
     render_buffer_s: float = Field(
         5.0, ge=0.5, le=60.0, description="render sessions: most reply audio queued ahead of playback (more is refused)"
     )
+    # 50 ms: one tick plus 10 ms of jitter for an agent sending at exactly real-time pace; a TTS
+    # that runs ahead of real time fills it at once, so it costs nothing there.
+    render_start_ms: int = Field(
+        50, ge=40, le=1000, description="render sessions: audio an utterance holds before it starts playing"
+    )
 
 
 class ExecutorSettings(BaseModel):

@@ -8,12 +8,13 @@ of that audio with the frame drawn from it, exactly as in a conversation.
 ``output_audio_buffer.clear`` drops everything queued at once (the agent's own
 barge-in).
 
-An utterance starts playing once one tick of it has arrived (or it is
-committed): a client that sends at real-time pace in frames shorter than a
-tick would otherwise leave the first tick half empty, and every later frame
-that arrives a little late would open a gap. That one tick of head start is
-the jitter the stream can absorb; the first paired frame still leaves within
-about a tick of the audio it shows.
+An utterance starts playing once ``start_buffer_s`` of it has arrived (at
+least one tick; or when it is committed): a client that sends at real-time
+pace in frames shorter than a tick would otherwise leave the first tick half
+empty. What is held beyond the first tick is the jitter the stream can
+absorb: the clock takes the first tick as soon as it is queued (a talk spurt,
+see ``MediaClock``), so each later tick is taken that much after its audio
+was due to arrive, and a frame that comes a little late opens no gap.
 
 The queue is bounded in time: audio sent faster than real time is buffered
 up to ``max_buffer_s``; a warning says when half of it is used, and a frame
@@ -68,6 +69,7 @@ class RenderFeed:
         executor: Executor,
         with_render_audio: bool,
         max_buffer_s: float,
+        start_buffer_s: float,
     ) -> None:
         self._clock = clock
         self._input_rate = input_sample_rate
@@ -75,6 +77,7 @@ class RenderFeed:
         self._executor = executor
         self._with_render_audio = with_render_audio
         self._max_buffer_s = max_buffer_s
+        self._start_samples = max(clock.samples_per_tick, round(start_buffer_s * clock.sample_rate))
         self._next_id = 1
         self._open: _Utterance | None = None  # receiving audio
         self._playing: list[_Utterance] = []  # committed or open, not yet played out, oldest first
@@ -148,8 +151,8 @@ class RenderFeed:
             return out, render
 
         out, render = await run_in(self._executor, resample)
-        if not utterance.segments and utterance.held_samples + len(out) < self._clock.samples_per_tick and not last:
-            utterance.held.append((out, render))  # wait for a whole first tick
+        if not utterance.segments and utterance.held_samples + len(out) < self._start_samples and not last:
+            utterance.held.append((out, render))  # wait for the start buffer
             utterance.held_samples += len(out)
             return
         if utterance.held:

@@ -284,6 +284,7 @@ class ConversationSession:
                 executor=executors.tts,
                 with_render_audio=self.video is not None,
                 max_buffer_s=settings.limits.render_buffer_s,
+                start_buffer_s=settings.limits.render_start_ms / 1000.0,
             )
             self._tasks.spawn(clock.run(self._on_tick, prepare), "clock")
             return

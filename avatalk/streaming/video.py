@@ -6,6 +6,13 @@ tick. A renderer that falls behind never stalls the clock: when the frame is
 not ready within ``RENDER_BUDGET_S``, the avatar's idle frame (a lookup, on
 the event loop, touching no pool) goes out instead, audio continues, the late
 frame is counted, and no new render starts until the slow one has finished.
+
+How early the clock takes a tick (its lead) follows the renderer: the
+slowest of the last ``LEAD_WINDOW`` speaking frames (queueing for the pool
+included) plus ``LEAD_MARGIN_S``, between ``MIN_LEAD_S`` and a tick. The
+classic renderer draws a frame in about a millisecond, so its ticks leave
+~30 ms sooner than with a fixed one-tick lead. A look-ahead renderer
+(MuseTalk) keeps the full tick: its GPU scheduler plans batches against it.
 """
 
 from __future__ import annotations
@@ -13,20 +20,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from concurrent.futures import Executor
 
 import numpy as np
 
 from avatalk.avatars.renderers.base import RendererFallback, RendererSession, SpeechSegment
 from avatalk.executors import run_in
+from avatalk.media.timebase import TICK_S
 from avatalk.streaming.clock import MediaClock, Tick
 from avatalk.streaming.events import WarningEvent
 from avatalk.streaming.stage import Emit
 
 logger = logging.getLogger(__name__)
 
-RENDER_BUDGET_S = 0.060  # a frame later than this (clock lead 40 ms + slack) is replaced by an idle frame
+RENDER_BUDGET_S = 0.060  # a frame later than this (the longest lead, 40 ms, + slack) is replaced by an idle frame
 LATE_WARNING_EVERY_S = 5.0
+LEAD_WINDOW = 50  # speaking frames (2 s) whose draw times set the clock's lead
+LEAD_MIN_FRAMES = 5  # the lead stays one tick until this many frames were measured
+LEAD_MARGIN_S = 0.005
+MIN_LEAD_S = 0.006
 
 
 class VideoStage:
@@ -41,6 +54,7 @@ class VideoStage:
         self._reset_pending = False
         self.late_frames = 0
         self._late_warned_at = float("-inf")
+        self._draw_seconds: deque[float] = deque(maxlen=LEAD_WINDOW)
 
     def reset(self) -> None:
         """Barge-in: the mouth closes and the renderer forgets its audio before the next speaking frame."""
@@ -63,6 +77,9 @@ class VideoStage:
             upcoming = [SpeechSegment(*queued) for queued in self._clock.queued_render_audio()]
         reset, self._reset_pending = self._reset_pending, False
         self._job = asyncio.ensure_future(run_in(self._executor, self._draw, tick, speaking, reset, upcoming))
+        if speaking and not self.renderer.uses_look_ahead:
+            submitted = time.monotonic()
+            self._job.add_done_callback(lambda _job: self._note_draw(time.monotonic() - submitted))
         done, _ = await asyncio.wait({self._job}, timeout=RENDER_BUDGET_S)
         if done:
             tick.frame = self._job.result()
@@ -79,6 +96,12 @@ class VideoStage:
         if upcoming is not None:
             renderer.look_ahead(tick.index, upcoming)
         return renderer.render(tick.index, tick.render_audio)
+
+    def _note_draw(self, seconds: float) -> None:
+        """A speaking frame took ``seconds`` from submission to result: the clock's lead follows."""
+        self._draw_seconds.append(seconds)
+        if len(self._draw_seconds) >= LEAD_MIN_FRAMES:
+            self._clock.lead_s = min(TICK_S, max(MIN_LEAD_S, max(self._draw_seconds) + LEAD_MARGIN_S))
 
     async def _late(self, tick: Tick) -> None:
         tick.frame = self.renderer.idle_frame(tick.index)
