@@ -89,6 +89,9 @@ class FakeLLM(LLM):
         self.hold_s = hold_s
         self.executor = executor
         self.calls: list[list[ChatMessage]] = []
+        self.prefills: list[list[ChatMessage]] = []  # prefill calls; ``prefill_s`` each, counted when done
+        self.prefill_s = 0.0
+        self.prefills_done = 0
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -103,6 +106,11 @@ class FakeLLM(LLM):
                 await loop.run_in_executor(self.executor, time.sleep, self.hold_s)  # type: ignore[arg-type]
             for word in self.reply.split(" "):
                 yield word + " "
+
+    async def prefill(self, messages: list[ChatMessage], session_key: str) -> None:
+        self.prefills.append(messages)
+        await asyncio.sleep(self.prefill_s)
+        self.prefills_done += 1
 
     def count_tokens(self, text: str) -> int:
         return len(text.split())

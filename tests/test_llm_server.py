@@ -182,6 +182,19 @@ async def test_a_session_keeps_its_prefix_cached_so_a_new_turn_prefills_only_the
 
 
 @needs_llama_server
+async def test_a_prefill_while_the_user_speaks_leaves_the_reply_only_the_last_words(served: LlamaServerLLM) -> None:
+    question = "Please name three colours of the rainbow and say which one is your favourite."
+    cold = "".join(await tokens(served, conversation(question), "cold"))
+    cold_prompt = served.prompt_stats["cold"]
+    await served.prefill(conversation(question[:40]), session_key="warm")  # a partial transcript
+    warm = "".join(await tokens(served, conversation(question), "warm"))
+    warm_prompt = served.prompt_stats["warm"]
+    assert warm == cold  # the prefill changes nothing in the reply
+    assert warm_prompt.prefilled + warm_prompt.cached == cold_prompt.prefilled + cold_prompt.cached
+    assert warm_prompt.prefilled < cold_prompt.prefilled - 5  # the partial's words came from the cache
+
+
+@needs_llama_server
 async def test_killed_server_is_restarted_and_the_reply_in_flight_fails_clearly(executors: Executors) -> None:
     llm = create_llm(server_settings(max_tokens=400), executors)
     assert isinstance(llm, LlamaServerLLM)

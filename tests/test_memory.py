@@ -138,3 +138,33 @@ def test_a_reply_that_grows_is_recounted_whole() -> None:
     memory.add_assistant("four five")  # the exchange is now 5 tokens, not 3
     memory.add_user("six")
     assert [message.content for message in memory.messages()] == ["sys", "six"]
+
+
+def test_the_next_turns_prompt_is_known_before_its_question_even_when_the_window_steps() -> None:
+    memory = DialogueMemory("be brief", max_turns=4, max_tokens=1000, count_tokens=words)
+    oldest_shown: list[str] = []
+    for turn in range(12):
+        memory.add_user(f"question {turn}")
+        playing = f"answer {turn}"
+        ahead = memory.preview_next_turn(playing)  # while the reply plays
+        memory.add_assistant(playing)
+        assert memory.preview_next_turn() == ahead
+        memory.add_user(f"and what about {turn}?")
+        after = memory.messages()
+        assert after[:-1] == ahead  # the next turn's prompt starts exactly with the prefix cached ahead
+        oldest_shown.append(after[1].content)
+        memory.add_assistant(f"more {turn}")
+    assert len(set(oldest_shown)) >= 3  # the window stepped at least twice, and the prefix was still known ahead
+
+
+def test_prompts_built_from_previews_keep_the_window_still_between_steps() -> None:
+    """Preemptive replies prompt from ``preview_user``; the window must still move in steps, not every turn."""
+    memory = DialogueMemory("be brief", max_turns=4, max_tokens=1000, count_tokens=words)
+    oldest_shown = []
+    for turn in range(16):
+        prompt = memory.preview_user(f"question {turn}")
+        oldest_shown.append(prompt[1].content)
+        memory.add_user(f"question {turn}")  # the prepared reply is committed
+        memory.add_assistant(f"answer {turn}")
+    changes = sum(1 for before, after in zip(oldest_shown, oldest_shown[1:]) if before != after)
+    assert 2 <= changes <= 16 // 3  # once every 3 turns at most (keeping half of 4), never every turn

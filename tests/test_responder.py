@@ -121,3 +121,48 @@ def test_spoken_text_cuts_a_partly_played_sentence_by_words() -> None:
     for _ in range(25 + 13):  # the first second, then half of the second
         clock.next_tick()
     assert reply.spoken_text() == "Alpha beta gamma delta. Epsilon"
+
+
+async def test_prefill_while_the_user_speaks_caches_the_prompt_so_far_and_a_reply_cancels_it() -> None:
+    llm, collector, clock = FakeLLM(), Collector(), MediaClock(RATE)
+    responder = make_responder(llm, collector, clock)
+    llm.prefill_s = 10.0
+    responder.prefill("What is the capital")
+    responder.prefill("What is the capital of")  # one at a time: this one is skipped
+    await asyncio.sleep(0.05)
+    assert [messages[-1].content for messages in llm.prefills] == ["What is the capital"]
+    assert llm.prefills[0][:-1] == responder.memory.messages()  # the prompt the reply will have
+    reply = responder.start(ReplyRequest(1, time.monotonic(), text="What is the capital of France?"))
+    await asyncio.sleep(0.05)
+    assert llm.prefills_done == 0  # cancelled: the reply does not queue behind it
+    responder.prefill("More words")  # never while a reply exists
+    assert all(messages[-1].content != "More words" for messages in llm.prefills)
+    await responder.interrupt("barge_in")
+    assert reply.turn_id == 1 and not collector.of_type(ErrorEvent)
+    await responder.close()
+
+
+async def test_while_a_reply_plays_the_next_turns_prompt_is_prefilled() -> None:
+    llm, collector, clock = FakeLLM(reply="Paris is the capital."), Collector(), MediaClock(RATE)
+    responder = make_responder(llm, collector, clock)
+    responder.start(ReplyRequest(1, time.monotonic(), text="What is the capital of France?"))
+    await queued(clock, 0.5)
+    await asyncio.sleep(0.05)
+    # Generated and queued, still playing: the next turn's prompt, with this reply as if spoken in full.
+    assert not collector.of_type(ResponseDone)
+    [prefilled] = llm.prefills
+    while clock.busy:
+        clock.next_tick()
+    await collector.wait_for(ResponseDone)
+    assert prefilled == responder.memory.messages()  # what the next turn's prompt starts with
+    assert prefilled[-1].content == "Paris is the capital."
+    await responder.close()
+
+
+async def test_no_prefill_when_prefill_ahead_is_off() -> None:
+    llm, collector, clock = FakeLLM(), Collector(), MediaClock(RATE)
+    responder = make_responder(llm, collector, clock)
+    responder._llm_settings = Settings(llm={"prefill_ahead": False}).llm  # noqa: SLF001
+    responder.prefill("What is")
+    await asyncio.sleep(0.01)
+    assert llm.prefills == []

@@ -86,6 +86,16 @@ class LLM(ABC):
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
 
+    async def prefill(self, messages: list[ChatMessage], session_key: str) -> None:
+        """Put ``messages`` in this conversation's prompt cache ahead of its reply (the user is still speaking).
+
+        The reply then only prefills what differs: the user's last words.
+        Backends whose cache belongs to one conversation (llama-server's
+        slots) override it; for the others it does nothing, because a
+        shared cache would be evicted by other sessions' prompts first.
+        Cancelling the call stops the prefill.
+        """
+
     async def aclose(self) -> None:
         """Free the model or connections; the instance is unusable afterwards.
 

@@ -94,6 +94,11 @@ class SlotTable:
                 self._busy[slot] += 1
             return slot
 
+    def busy(self, slot: int) -> int:
+        """Requests using ``slot`` now."""
+        with self._lock:
+            return self._busy[slot]
+
     def release(self, slot: int) -> None:
         if slot >= 0:
             with self._lock:
@@ -255,6 +260,25 @@ class LlamaServerLLM(OpenAICompatibleLLM):
                     "it is being restarted"
                 ) from error
             raise
+        finally:
+            self._slots.release(slot)
+
+    async def prefill(self, messages: list[ChatMessage], session_key: str) -> None:
+        """Prefill ``messages`` in the session's slot (one token generated), so its reply starts from them.
+
+        Skipped while the server is not ready or the session's slot is taken
+        (its reply is being generated): a prefill never delays a reply.
+        """
+        if not self.server.ready:
+            return
+        slot = self._slots.acquire(session_key)
+        try:
+            if slot < 0 or self._slots.busy(slot) > 1:
+                return
+            deltas = self._stream_from(messages, self._fields(slot), max_tokens=1)
+            async with aclosing(deltas):
+                async for _delta in deltas:
+                    pass
         finally:
             self._slots.release(slot)
 

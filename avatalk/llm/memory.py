@@ -25,6 +25,8 @@ from avatalk.llm.base import ChatMessage
 
 logger = logging.getLogger(__name__)
 
+_NEXT_QUESTION_STAND_IN = "And then?"  # a typical short next question (see ``preview_next_turn``)
+
 
 @dataclass
 class _Exchange:
@@ -113,6 +115,11 @@ class DialogueMemory:
             last.user_tokens = self._count_tokens(last.user)
         else:
             self._exchanges.append(_Exchange(user=text, user_tokens=self._count_tokens(text)))
+        # The window steps here, when a question is recorded, not only when a prompt is built: a
+        # preemptive reply builds its prompt from a copy, and a window left unstepped in the
+        # history itself would step again from its old start in every later copy (sliding by one
+        # exchange per turn, the prefix changing every turn).
+        self._window()
 
     def preview_user(self, text: str) -> list[ChatMessage]:
         """``messages()`` as they would be after ``add_user(text)``, recording nothing.
@@ -121,13 +128,31 @@ class DialogueMemory:
         is generated from this; the text enters the history only if the turn
         ends as it was heard.
         """
-        preview = DialogueMemory(
-            self.system_prompt, self.max_turns, self.max_tokens, self._count_tokens, self.examples
-        )
-        preview._exchanges = [replace(exchange) for exchange in self._exchanges]
-        preview._start = self._start
+        preview = self._copy()
         preview.add_user(text)
         return preview.messages()
+
+    def preview_next_turn(self, assistant: str | None = None) -> list[ChatMessage]:
+        """The prompt the next turn will start with (before its user message), recording nothing.
+
+        ``assistant`` is a reply still playing, taken as spoken in full. A
+        short stand-in question places the history window exactly as the
+        next real message will in all but rare cases (a message long
+        enough to cross the token budget), so a serving engine can cache
+        this prefix while the user has not even spoken; after a window step
+        that is a whole history's prefill taken off the next turn.
+        """
+        preview = self._copy()
+        if assistant is not None:
+            preview.add_assistant(assistant)
+        preview.add_user(_NEXT_QUESTION_STAND_IN)
+        return preview.messages()[:-1]
+
+    def _copy(self) -> DialogueMemory:
+        copy = DialogueMemory(self.system_prompt, self.max_turns, self.max_tokens, self._count_tokens, self.examples)
+        copy._exchanges = [replace(exchange) for exchange in self._exchanges]
+        copy._start = self._start
+        return copy
 
     def add_assistant(self, text: str) -> None:
         """Record what the assistant actually said (empty text is dropped)."""

@@ -141,6 +141,7 @@ class Responder:
         self.current: Reply | None = None
         self._task: asyncio.Task[None] | None = None
         self._pending_user_text: str | None = None  # a prepared reply's user text, recorded on commit
+        self._prefill: asyncio.Task[None] | None = None
 
     @property
     def active(self) -> bool:
@@ -152,6 +153,28 @@ class Responder:
         """The reply prepared ahead of the end of the turn, not yet committed."""
         reply = self.current
         return reply if reply is not None and not reply.committed.is_set() else None
+
+    def prefill(self, heard_so_far: str) -> None:
+        """The user is still speaking: have the LLM cache the prompt their reply will have so far.
+
+        The reply's own request then only prefills the words heard since
+        (see ``LLM.prefill``). Never while a reply exists (it holds the
+        session's LLM slot), at most one at a time; a reply that begins
+        cancels it.
+        """
+        if self.current is None:
+            self._start_prefill(self.memory.preview_user(heard_so_far))
+
+    def _start_prefill(self, messages: list[ChatMessage]) -> None:
+        """Prefill ``messages`` in the background (``llm.prefill_ahead``), unless one is running."""
+        if self._llm_settings.prefill_ahead and (self._prefill is None or self._prefill.done()):
+            self._prefill = asyncio.create_task(self._run_prefill(messages), name=f"{self._name}:prefill")
+
+    async def _run_prefill(self, messages: list[ChatMessage]) -> None:
+        try:
+            await self._llm.prefill(messages, session_key=self._name)
+        except Exception as error:  # only a missed head start: the reply prefills it all
+            logger.debug("prefill ahead of a reply failed: %s", error)
 
     def start(self, request: ReplyRequest) -> Reply:
         """Begin answering ``request`` (the caller has interrupted any reply in progress)."""
@@ -192,6 +215,8 @@ class Responder:
         logger.debug("turn %d: prepared reply discarded", reply.turn_id)
 
     def _begin(self, request: ReplyRequest, committed: bool) -> Reply:
+        if self._prefill is not None:
+            self._prefill.cancel()  # the reply's own request must not queue behind it for the slot
         reply = Reply(
             request.turn_id, request.started_at, dict(request.marks), heard=request.text, preemptive=not committed
         )
@@ -227,6 +252,7 @@ class Responder:
         spoken = reply.spoken_text()
         if spoken:
             self.memory.add_assistant(spoken)
+        self._start_prefill(self.memory.preview_next_turn())
         await self._emit(ResponseInterrupted(turn_id=reply.turn_id, reason=reason, spoken_text=spoken))
         if reason != "new_input":
             await self._state.set("listening")
@@ -247,8 +273,9 @@ class Responder:
         await self._emit(ResponseDone(turn_id=request.turn_id, status="interrupted", text=""))
 
     async def close(self) -> None:
-        if self._task is not None:
-            await cancel_and_wait(self._task)
+        for task in (self._task, self._prefill):
+            if task is not None:
+                await cancel_and_wait(task)
         self.current = None
         self._pending_user_text = None
 
@@ -312,6 +339,8 @@ class Responder:
             await speaker
         finally:
             await cancel_and_wait(writer, speaker)
+        # The LLM is done with this reply while its audio plays: cache the next turn's prompt meanwhile.
+        self._start_prefill(self.memory.preview_next_turn(" ".join(text for text, _ in reply.sentences)))
         await self._clock.wait_idle()  # let the clock play out what is queued, then close the turn
         if self.current is reply:
             self.current = None

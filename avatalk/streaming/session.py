@@ -379,6 +379,8 @@ class ConversationSession:
             await self.output.send_event(SpeechStarted(turn_id=self._listening_turn))
         elif isinstance(message, PartialHeard):
             await self.output.send_event(TranscriptionPartial(turn_id=self._listening_turn, transcript=message.text))
+            if self.responder is not None:
+                self.responder.prefill(message.text)
         elif isinstance(message, PauseHeard):
             await self._prepare_reply(message.text)
         elif isinstance(message, SpeechResumed):
