@@ -117,6 +117,18 @@ def test_semantic_incomplete_verdict_waits_for_the_long_silence():
     assert index + 1 == 47  # 1504 ms of silence, not end_silence_ms
 
 
+def test_an_incomplete_verdict_on_words_that_end_a_sentence_waits_only_the_plain_silence():
+    d = semantic(end_silence_ms=512)
+    run(d, [0.9] * 20)
+    d.note_transcript("Can you recommend a good book?")
+    windows = pause_until_due(d)
+    assert d.note_verdict(d.request_verdict(), False, now=11.0) is None
+    for index in range(windows, 100):
+        if d.push(np.zeros(WINDOW, np.float32), 0.0, now=11.0 + index * 0.032):
+            break
+    assert index + 1 == 16  # 512 ms of silence, not the 1504 ms a trailing thought gets
+
+
 def test_a_verdict_on_an_earlier_pause_is_ignored_and_a_failed_one_falls_back_to_silence_rules():
     d = semantic(end_silence_ms=320)
     run(d, [0.9] * 20)

@@ -19,7 +19,10 @@ class VADSettings(BaseModel):
 
 
 class TurnSettings(BaseModel):
-    end_silence_ms: int = Field(500, ge=100, le=5000, description="silence that ends a turn")
+    end_silence_ms: int = Field(
+        500, ge=100, le=5000,
+        description="silence that ends a turn (semantic mode: when the model says incomplete but the words end a sentence)",
+    )
     sentence_end_silence_ms: int = Field(
         250, ge=50, le=5000, description="silence that ends a turn when the partial transcript ends a sentence"
     )

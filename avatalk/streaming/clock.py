@@ -19,7 +19,8 @@ one unit.
 
 A talk spurt starts at once. When reply audio arrives while the clock is idle
 (the last tick carried none), the next tick is taken at once instead of at
-its slot, which saves up to a tick of latency (20 ms on average). The
+its slot and leaves as soon as its frame is drawn, which saves up to a tick
+plus the lead (40 ms on average with a one-tick lead). The
 timeline's phase then runs up to ``MAX_PULL_S`` ahead of its start and drifts
 back by ``PHASE_RELAX_S`` per idle tick: over a session the clock still
 releases exactly 25 ticks a second, so a receiver playing by timestamps
@@ -44,7 +45,7 @@ from avatalk.media.timebase import TICK_S, samples_per_tick
 logger = logging.getLogger(__name__)
 
 MAX_PULL_S = 2 * TICK_S  # furthest the timeline may run ahead of its start after talk spurts
-PHASE_RELAX_S = 0.004  # an idle tick goes out this much later while the timeline is ahead (10 % of a tick)
+PHASE_RELAX_S = 0.008  # an idle tick goes out this much later while the timeline is ahead (a fifth of a tick)
 
 
 @dataclass(slots=True)
@@ -226,7 +227,7 @@ class MediaClock:
                 if self._last_tick_idle and not self._segments:
                     await self._sleep_unless_audio(delay)
                     if self._segments:
-                        self._start_talk_spurt(due - lead)
+                        self._start_talk_spurt(due)
                 else:
                     await asyncio.sleep(delay)
                 continue
@@ -257,8 +258,13 @@ class MediaClock:
         except TimeoutError:
             pass
 
-    def _start_talk_spurt(self, take_at: float) -> None:
-        """Audio arrived while idle: move the timeline so the next tick is taken now (within ``MAX_PULL_S``)."""
-        pull = min(take_at - time.monotonic(), MAX_PULL_S + self.phase_s)
+    def _start_talk_spurt(self, due: float) -> None:
+        """Audio arrived while idle: move the timeline so the next tick is due now (within ``MAX_PULL_S``).
+
+        The tick is then taken at once and goes out as soon as its frame is
+        drawn: with nothing playing before it, no lead is needed to keep its
+        audio seamless, and the ticks after it keep their lead.
+        """
+        pull = min(due - time.monotonic(), MAX_PULL_S + self.phase_s)
         if pull > 0:
             self.phase_s -= pull

@@ -10,7 +10,9 @@ End-of-turn silence:
 - semantic mode (the smart-turn model is loaded): after
   ``semantic_silence_ms`` of silence the caller asks the model once per pause
   (``verdict_due`` / ``request_verdict``); "complete" ends the turn at once,
-  "incomplete" waits up to ``semantic_max_silence_ms`` for more speech; a
+  "incomplete" waits up to ``semantic_max_silence_ms`` for more speech
+  (``end_silence_ms`` when the latest transcript ends a sentence: the model
+  and the words disagree, and a finished question should not wait 1.5 s); a
   failed verdict falls back to the silence rules below;
 - silence rules: ``end_silence_ms``, or ``sentence_end_silence_ms`` when the
   latest transcript ends a sentence. Durations are counted in audio time (windows), not wall
@@ -133,6 +135,10 @@ class TurnDetector:
         if self.semantic and self._verdict != "failed":
             if self._verdict == "complete":
                 return self.turns.semantic_silence_ms
+            if self._verdict == "incomplete" and self._sentence_complete:
+                # The model doubts but the words end a sentence ("Can you recommend a good book?"):
+                # the plain silence rule, not the long wait for a trailing thought.
+                return min(self.turns.end_silence_ms, self.turns.semantic_max_silence_ms)
             return self.turns.semantic_max_silence_ms  # incomplete, or the verdict is still to come
         if self._sentence_complete:
             return min(self.turns.sentence_end_silence_ms, self.turns.end_silence_ms)
