@@ -224,12 +224,13 @@ class MediaClock:
             due = self.started_at + self.index * TICK_S + self.phase_s
             delay = due - lead - time.monotonic()
             if delay > 0:
-                if self._last_tick_idle and not self._segments:
-                    await self._sleep_unless_audio(delay)
-                    if self._segments:
-                        self._start_talk_spurt(due)
-                else:
+                if not self._last_tick_idle:
                     await asyncio.sleep(delay)
+                    continue
+                if not self._segments:
+                    await self._sleep_unless_audio(delay)
+                if self._segments:  # arrived while waiting, or while the last tick was going out
+                    self._start_talk_spurt(due)
                 continue
             if delay < -1.0:
                 # More than a second behind (e.g. the machine was suspended): re-anchor.
