@@ -168,3 +168,36 @@ async def test_audio_arriving_while_idle_is_taken_at_once_and_the_timeline_drift
 async def _phase_back_to_zero(clock: MediaClock) -> None:
     while clock.phase_s < 0:
         await asyncio.sleep(0.01)
+
+
+async def test_a_talk_spurt_with_the_timeline_at_its_limit_waits_for_the_slot_without_spinning(monkeypatch):
+    clock = MediaClock(16000)
+    spurts: list[int] = []
+    start_talk_spurt = clock._start_talk_spurt  # noqa: SLF001
+
+    def counted(due: float) -> None:
+        spurts.append(clock.index)
+        start_talk_spurt(due)
+
+    monkeypatch.setattr(clock, "_start_talk_spurt", counted)
+    released: list[Tick] = []
+
+    async def sink(tick: Tick) -> None:
+        released.append(tick)
+        if tick.index == 2:
+            # As far ahead as the timeline may run (no pull is left), the next slot where it was.
+            assert clock.started_at is not None
+            clock.started_at += MAX_PULL_S + clock.phase_s
+            clock.phase_s = -MAX_PULL_S
+            await clock.enqueue(1, np.ones(640, np.float32))  # queued while this idle tick goes out
+
+    task = asyncio.create_task(clock.run(sink))
+    try:
+        while len(released) < 4:
+            await asyncio.sleep(0.005)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert spurts == [3]  # one attempt, then a plain wait for tick 3's slot
+    assert clock.phase_s >= -MAX_PULL_S and released[3].audio is not None

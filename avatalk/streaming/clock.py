@@ -224,13 +224,15 @@ class MediaClock:
             due = self.started_at + self.index * TICK_S + self.phase_s
             delay = due - lead - time.monotonic()
             if delay > 0:
-                if not self._last_tick_idle:
-                    await asyncio.sleep(delay)
-                    continue
-                if not self._segments:
+                if self._last_tick_idle and not self._segments:
                     await self._sleep_unless_audio(delay)
-                if self._segments:  # arrived while waiting, or while the last tick was going out
+                    if not self._segments:
+                        continue
+                if self._last_tick_idle:  # audio arrived while waiting, or while the last tick went out
                     self._start_talk_spurt(due)
+                    delay = self.started_at + self.index * TICK_S + self.phase_s - lead - time.monotonic()
+                if delay > 0:  # not idle, or the timeline is already as far ahead as it may run
+                    await asyncio.sleep(delay)
                 continue
             if delay < -1.0:
                 # More than a second behind (e.g. the machine was suspended): re-anchor.
