@@ -382,27 +382,3 @@ def loopback_config(config: str, port: int, nodes: list[Node], stats_socket: Pat
             raise RuntimeError(f"{HAPROXY_CFG} has no {marker.strip()!r} line for the test to put its nodes under")
         text = text.replace(marker, marker + lines, 1)
     return text
-
-
-def face_video(path: Path, seconds: int = 6) -> Path:
-    """A moving-face video (the astronaut photo sliding and growing) to prepare as an avatar."""
-    import av
-    import cv2
-    import numpy as np
-    from skimage import data as skimage_data
-
-    astronaut = skimage_data.astronaut()
-    size = (320, 240)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for i in range(25 * seconds):
-            scale = 1.0 + 0.1 * (i % 50) / 49
-            matrix = np.float64([[scale, 0, -150 * scale + (i % 50)], [0, scale, -40 * scale]])
-            frame = cv2.warpAffine(astronaut, matrix, size, borderMode=cv2.BORDER_REFLECT)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path

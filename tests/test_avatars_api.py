@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import av
 import cv2
 import httpx
 import numpy as np
 import pytest
 from fastapi import FastAPI
+from face_video import write_face_video
 from skimage import data as skimage_data
 
 from avatalk.avatars.default_face import ensure_default_avatar
@@ -37,19 +37,7 @@ def inputs(tmp_path_factory) -> Path:
     gradient = np.tile(np.linspace(0, 255, 320, dtype=np.uint8), (240, 1))
     cv2.imwrite(str(folder / "gradient.png"), cv2.merge([gradient, gradient[::-1], gradient]))
     (folder / "notes.txt").write_text("this is not a video\n" * 20)
-    size = (320, 240)
-    with av.open(str(folder / "clip.mp4"), "w") as container:  # 1 s: the face slides right and grows
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for i in range(25):
-            scale = 1.0 + 0.1 * i / 24
-            matrix = np.float64([[scale, 0, -150 * scale + 2 * i], [0, scale, -40 * scale]])
-            frame = cv2.warpAffine(astronaut, matrix, size, borderMode=cv2.BORDER_REFLECT)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    write_face_video(folder / "clip.mp4", seconds=1)
     return folder
 
 

@@ -24,7 +24,8 @@ import psycopg
 import pytest
 import websockets
 from aiortc import RTCPeerConnection, RTCSessionDescription
-from cluster_parts import FakeLLMServer, HAProxy, Node, PostgresServer, agent_answer, face_video, require
+from cluster_parts import FakeLLMServer, HAProxy, Node, PostgresServer, agent_answer, require
+from face_video import write_face_video
 from fakes import free_port
 
 from avatalk.client import AvatalkClient
@@ -250,7 +251,7 @@ async def test_webrtc_calls_spread_by_weight_and_every_request_reaches_their_nod
 
 @pytest.fixture(scope="module")
 def video(tmp_path_factory) -> Path:
-    return face_video(tmp_path_factory.mktemp("inputs") / "face.mp4", seconds=6)
+    return write_face_video(tmp_path_factory.mktemp("inputs") / "face.mp4", seconds=6)
 
 
 async def upload(http: httpx.AsyncClient, video: Path, avatar_id: str) -> str:

@@ -7,15 +7,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import av
-import cv2
 import httpx
-import numpy as np
 import pytest
+from face_video import write_face_video
 from fakes import free_port
-from skimage import data as skimage_data
 
 from avatalk.jobs import JobState, SQLiteJobStore
 from avatalk.avatars.store import AvatarStore
@@ -23,29 +19,9 @@ from avatalk.avatars.store import AvatarStore
 pytestmark = pytest.mark.slow
 
 
-def long_face_video(path: Path, seconds: int = 12) -> None:
-    """A moving face, long and large enough that preparing it takes several seconds."""
-    astronaut = skimage_data.astronaut()
-    size = (640, 480)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height = size
-        stream.pix_fmt = "yuv420p"
-        for i in range(seconds * 25):
-            shift = 40 * np.sin(i / 20)
-            matrix = np.float64([[1.2, 0, -60 + shift], [0, 1.2, -20]])
-            frame = cv2.warpAffine(astronaut, matrix, size, borderMode=cv2.BORDER_REFLECT)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
-
-
 def test_kill_9_during_preparation(tmp_path):
     video = tmp_path / "long.mp4"
-    long_face_video(video)
+    write_face_video(video, seconds=12, size=(640, 480))  # long and large: preparing it takes seconds
     data_dir = tmp_path / "data"
     port = free_port()
     env = dict(os.environ, AVATALK_DATA_DIR=str(data_dir), AVATALK_PORT=str(port), AVATALK_LOG_LEVEL="warning")

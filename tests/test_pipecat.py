@@ -1,6 +1,6 @@
 """The Pipecat processor in real Pipecat pipelines, against a live avatalk server.
 
-    UpstreamRecorderForTest -> ToneTTSForTest -> AvatalkVideoService -> SinkForTest
+    RecorderForTest(upstream) -> ToneTTSForTest -> AvatalkVideoService -> RecorderForTest(downstream)
 
 The TTS is a real Pipecat ``TTSService`` whose synthesis is a test double (a
 220 Hz tone, 0.2 s per word, produced much faster than real time); the sink
@@ -85,16 +85,21 @@ class ToneTTSForTest(TTSService):
             yield frame
 
 
-class SinkForTest(FrameProcessor):
-    """The end of the pipeline: records every downstream frame in order (the output transport's place)."""
+class RecorderForTest(FrameProcessor):
+    """Passes every frame on and records, in order, those going one way.
 
-    def __init__(self) -> None:
+    At the end of the pipeline (the output transport's place) it records what
+    flows downstream; at the start, what comes back upstream (errors).
+    """
+
+    def __init__(self, direction: FrameDirection) -> None:
         super().__init__()
+        self._direction = direction
         self.frames: list[Frame] = []
 
     async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
         await super().process_frame(frame, direction)
-        if direction is FrameDirection.DOWNSTREAM:
+        if direction is self._direction:
             self.frames.append(frame)
         await self.push_frame(frame, direction)
 
@@ -105,28 +110,14 @@ class SinkForTest(FrameProcessor):
         return next(i for i in range(start, len(self.frames)) if predicate(self.frames[i]))
 
 
-class UpstreamRecorderForTest(FrameProcessor):
-    """The start of the pipeline: records what comes back upstream (errors)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.upstream: list[Frame] = []
-
-    async def process_frame(self, frame: Frame, direction: FrameDirection) -> None:
-        await super().process_frame(frame, direction)
-        if direction is FrameDirection.UPSTREAM:
-            self.upstream.append(frame)
-        await self.push_frame(frame, direction)
-
-
 class PipelineForTest:
     """A running Pipecat pipeline around ``avatar``, driven like a bot's: frames queued at its start."""
 
     def __init__(self, avatar: AvatalkVideoService) -> None:
-        self.recorder = UpstreamRecorderForTest()
+        self.recorder = RecorderForTest(FrameDirection.UPSTREAM)
         self.tts = ToneTTSForTest()
         self.avatar = avatar
-        self.sink = SinkForTest()
+        self.sink = RecorderForTest(FrameDirection.DOWNSTREAM)
         self.worker = PipelineWorker(
             Pipeline([self.recorder, self.tts, avatar, self.sink]),
             params=PipelineParams(audio_out_sample_rate=RATE),
@@ -207,7 +198,7 @@ async def test_tts_audio_comes_back_as_ticks_each_after_its_frame_and_idle_frame
     speaking = np.frombuffer(frames[first - 1].image, np.uint8).astype(int)
     idle = np.frombuffer(after[-1].image, np.uint8).astype(int)
     assert np.abs(speaking - idle).mean() > 0.5  # the mouth moved while it spoke
-    assert not [frame for frame in bot.recorder.upstream if isinstance(frame, ErrorFrame)]
+    assert not [frame for frame in bot.recorder.frames if isinstance(frame, ErrorFrame)]
 
 
 async def test_an_interruption_mid_utterance_silences_the_avatar_within_a_tick(server) -> None:
@@ -230,7 +221,7 @@ async def test_an_interruption_mid_utterance_silences_the_avatar_within_a_tick(s
         await bot.until(lambda: len(ticks(bot.sink.frames)) >= first_reply + 10)
         await asyncio.sleep(0.3)
     assert len(ticks(bot.sink.frames)) == first_reply + 10
-    assert not [frame for frame in bot.recorder.upstream if isinstance(frame, ErrorFrame)]
+    assert not [frame for frame in bot.recorder.frames if isinstance(frame, ErrorFrame)]
 
 
 async def test_a_reply_shorter_than_the_pre_roll_plays_whole(server) -> None:
@@ -250,7 +241,7 @@ async def test_tts_faster_than_real_time_is_paced_under_the_servers_buffer(serve
         await bot.say(25)
         await bot.until(lambda: bool(bot.sink.of(TTSStoppedFrame)), timeout=60)
     assert len(ticks(bot.sink.frames)) == 125
-    assert not [frame for frame in bot.recorder.upstream if isinstance(frame, ErrorFrame)]
+    assert not [frame for frame in bot.recorder.frames if isinstance(frame, ErrorFrame)]
 
 
 async def test_without_a_server_the_voice_passes_through_and_the_error_is_reported() -> None:
@@ -259,7 +250,7 @@ async def test_without_a_server_the_voice_passes_through_and_the_error_is_report
         await bot.say(2)
         await bot.until(lambda: bool(bot.sink.of(TTSStoppedFrame)))
     assert not avatar.connected
-    [error] = [frame for frame in bot.recorder.upstream if isinstance(frame, ErrorFrame)]
+    [error] = [frame for frame in bot.recorder.frames if isinstance(frame, ErrorFrame)]
     assert "unreachable" in error.error
     audio = ticks(bot.sink.frames)
     assert sum(len(frame.audio) for frame in audio) == int(0.4 * RATE) * 2  # the TTS's own audio, unchanged
@@ -269,8 +260,8 @@ async def test_without_a_server_the_voice_passes_through_and_the_error_is_report
 async def test_a_session_the_server_refuses_is_a_permanent_error(server) -> None:
     avatar = AvatalkVideoService(url=server.ws_url, avatar="nobody-here")
     async with PipelineForTest(avatar) as bot:
-        await bot.until(lambda: any(isinstance(f, ErrorFrame) for f in bot.recorder.upstream))
-    [error] = [frame for frame in bot.recorder.upstream if isinstance(frame, ErrorFrame)]
+        await bot.until(lambda: any(isinstance(f, ErrorFrame) for f in bot.recorder.frames))
+    [error] = [frame for frame in bot.recorder.frames if isinstance(frame, ErrorFrame)]
     assert "unknown_avatar" in error.error and not avatar.connected
 
 

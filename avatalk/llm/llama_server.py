@@ -273,25 +273,21 @@ class LlamaServerLLM(OpenAICompatibleLLM):
             return
         slot = self._slots.acquire(session_key)
         try:
-            if slot < 0 or self._slots.busy(slot) > 1:
-                return
-            deltas = self._stream_from(messages, self._fields(slot), max_tokens=1)
-            async with aclosing(deltas):
-                async for _delta in deltas:
-                    pass
+            if slot >= 0 and self._slots.busy(slot) == 1:
+                await self._prefill_slot(messages, slot)
         finally:
             self._slots.release(slot)
 
+    async def _prefill_slot(self, messages: list[ChatMessage], slot: int) -> None:
+        """Evaluate ``messages`` in ``slot`` (one token generated): its KV cache then holds them."""
+        deltas = self._stream_from(messages, self._fields(slot), max_tokens=1)
+        async with aclosing(deltas):
+            async for _delta in deltas:
+                pass
+
     async def warm_up(self, messages: list[ChatMessage]) -> None:
         """Prefill ``messages`` (the persona's prompt) in every slot at once, so no session's first turn pays it."""
-
-        async def one(slot: int) -> None:
-            deltas = self._stream_from(messages, self._fields(slot), max_tokens=1)
-            async with aclosing(deltas):
-                async for _delta in deltas:
-                    pass
-
-        await asyncio.gather(*(one(slot) for slot in range(self._slots.size)))
+        await asyncio.gather(*(self._prefill_slot(messages, slot) for slot in range(self._slots.size)))
 
     async def aclose(self) -> None:
         """Close the connections and stop the server process."""

@@ -53,19 +53,8 @@ class JobOut(BaseModel):
 
     @classmethod
     def of(cls, job: Job) -> JobOut:
-        return cls(
-            id=job.id,
-            kind=job.kind,
-            state=job.state,
-            stage=job.stage,
-            progress=job.progress,
-            message=job.message,
-            avatar_id=job.avatar_id,
-            result=job.result,
-            created_at=job.created_at,
-            updated_at=job.updated_at,
-            finished_at=job.finished_at,
-        )
+        """The job's public fields, read from its attributes (``params`` is not one of them)."""
+        return cls.model_validate(job, from_attributes=True)
 
 
 class JobList(BaseModel):

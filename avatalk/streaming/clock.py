@@ -252,9 +252,8 @@ class MediaClock:
             await sink(tick)
 
     async def _sleep_unless_audio(self, delay: float) -> None:
+        """Wait ``delay`` or until ``enqueue`` queues audio (called with nothing queued)."""
         self._audio_arrived.clear()
-        if self._segments:
-            return
         try:
             async with asyncio.timeout(delay):
                 await self._audio_arrived.wait()
